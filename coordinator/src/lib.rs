@@ -1,0 +1,40 @@
+//! dr-coordinator: one member of the Raft cluster that decides for the YesLocker DR
+//! control plane.
+//!
+//! What the cluster DECIDES (topology, host up/down transitions, commands and their
+//! results, the audit trail) is a command in the replicated log and lives in
+//! [`state::State`]. What agents merely REPORT (heartbeats, check results) lives in the
+//! leader's memory in [`registry::Registry`]; only transitions become log entries, so ten
+//! thousand agents heartbeating once a second do not mean ten thousand Raft writes a
+//! second.
+//!
+//! Process layout (one task tree, one cancellation token):
+//!
+//! ```text
+//!  gRPC server (mTLS) ── AgentService  ─┐
+//!                     ── ControlService ─┼── Ctx { node: RaftNode, registry, metrics, config }
+//!                     ── RaftService  ──┘
+//!  leader-only controllers (control::run): failure detector, command dispatcher
+//!  cert reloader, metrics endpoint
+//! ```
+
+pub mod api;
+pub mod config;
+pub mod control;
+pub mod metrics;
+pub mod raft;
+pub mod registry;
+pub mod server;
+pub mod state;
+
+use std::sync::Arc;
+
+/// Everything a request handler or controller needs, shared by reference.
+pub struct Ctx {
+    pub config: Arc<config::Config>,
+    pub node: raft::RaftNode,
+    pub registry: registry::Registry,
+    pub metrics: Arc<metrics::Metrics>,
+}
+
+pub use server::run;
