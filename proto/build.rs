@@ -1,13 +1,21 @@
 //! Compiles proto/dr/v1/*.proto with protox (pure Rust), so building needs no system protoc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["dr/v1/common.proto", "dr/v1/agent.proto", "dr/v1/control.proto", "dr/v1/raft.proto"];
+    let files = [
+        "dr/v1/common.proto",
+        "dr/v1/agent.proto",
+        "dr/v1/control.proto",
+        "dr/v1/raft.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed=proto/{f}");
     }
     let fds = protox::compile(files, ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out.join("dr_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
+    std::fs::write(
+        out.join("dr_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
     tonic_prost_build::configure()
         .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")
         .message_attribute(".", "#[serde(default)]")

@@ -16,3 +16,6 @@ pub mod pb {
     /// Encoded `FileDescriptorSet`, for gRPC reflection or grpcurl.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dr_descriptor");
 }
+
+pub mod identity;
+pub mod tls;

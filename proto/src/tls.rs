@@ -1,0 +1,853 @@
+//! Mutual TLS for every port of the control plane.
+//!
+//! There is no plaintext mode: every server requires a client certificate chained to the
+//! deployment's CA, every client checks that the server is a coordinator of the same trust
+//! domain, and only TLS 1.3 is offered (rustls with the ring provider; no C++ toolchain).
+//!
+//! Certificates are re-read when their files change ([`ServerTls::spawn_reloader`],
+//! [`ClientTls::spawn_reloader`]): a rotated certificate or CA bundle takes effect for the
+//! next handshake, without a restart. Established connections keep the credentials they
+//! were opened with; that is what lets a rotation run without dropping sessions.
+//!
+//! Tonic is given already-authenticated streams ([`TlsConn`]); the peer's [`SpiffeId`]
+//! rides on each request as a [`PeerInfo`] extension, and [`peer_identity`] reads it.
+//! Authorisation itself lives with each service, which knows what a call needs.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ClientConfig, WebPkiServerVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ServerConfig, WebPkiClientVerifier};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::identity::{Identity, IdentityError, SpiffeId};
+
+/// How long a TLS handshake may take before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often certificate files are checked for change when the config names no interval.
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Where a process's CA bundle, certificate and key live (the `[tls]` table of every config).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPaths {
+    /// PEM bundle of trusted CA certificates (several during a CA rotation).
+    pub ca: PathBuf,
+    /// PEM certificate of this process (leaf first, intermediates after).
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// How often the files are checked for change.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub reload_interval: Option<Duration>,
+}
+
+impl TlsPaths {
+    /// Resolves relative paths against `base` (the directory of the config file).
+    pub fn resolve_relative(&self, base: &Path) -> TlsPaths {
+        let fix = |p: &PathBuf| {
+            if p.is_relative() {
+                base.join(p)
+            } else {
+                p.clone()
+            }
+        };
+        TlsPaths {
+            ca: fix(&self.ca),
+            cert: fix(&self.cert),
+            key: fix(&self.key),
+            reload_interval: self.reload_interval,
+        }
+    }
+
+    fn reload_interval(&self) -> Duration {
+        self.reload_interval.unwrap_or(DEFAULT_RELOAD_INTERVAL)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} file {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what} file {path} holds no PEM {expected}")]
+    Empty {
+        what: &'static str,
+        path: PathBuf,
+        expected: &'static str,
+    },
+    #[error("certificate {path}: {source}")]
+    Identity {
+        path: PathBuf,
+        #[source]
+        source: IdentityError,
+    },
+    #[error("TLS configuration refused: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(String),
+    #[error("invalid endpoint `{endpoint}`: {reason}; expected host:port or https://host:port")]
+    Endpoint { endpoint: String, reason: String },
+    #[error("TLS handshake with {peer} failed: {source}")]
+    Handshake {
+        peer: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("TLS handshake with {peer} timed out")]
+    HandshakeTimeout { peer: String },
+    #[error("peer {peer} refused: {reason}")]
+    PeerRefused { peer: String, reason: String },
+    #[error("cannot connect to {endpoint}: {reason}")]
+    Connect { endpoint: String, reason: String },
+    #[error("gRPC server: {0}")]
+    Serve(String),
+    #[error("listener: {0}")]
+    Io(#[from] io::Error),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read_file(what, path)?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsError::Read {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            what,
+            path: path.to_path_buf(),
+            expected: "CERTIFICATE",
+        });
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read_file("key", path)?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|source| TlsError::Read {
+            what: "key",
+            path: path.to_path_buf(),
+            source,
+        })?
+        .ok_or_else(|| TlsError::Empty {
+            what: "key",
+            path: path.to_path_buf(),
+            expected: "PRIVATE KEY",
+        })
+}
+
+fn read_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs("CA", path)? {
+        roots.add(cert)?;
+    }
+    Ok(roots)
+}
+
+/// Everything loaded from one [`TlsPaths`]: the parts both sides need.
+struct Material {
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    own: SpiffeId,
+}
+
+impl Material {
+    fn load(paths: &TlsPaths) -> Result<Material, TlsError> {
+        let roots = Arc::new(read_roots(&paths.ca)?);
+        let chain = read_certs("certificate", &paths.cert)?;
+        let key = read_key(&paths.key)?;
+        let own = SpiffeId::from_cert_der(&chain[0]).map_err(|source| TlsError::Identity {
+            path: paths.cert.clone(),
+            source,
+        })?;
+        Ok(Material {
+            roots,
+            chain,
+            key,
+            own,
+        })
+    }
+}
+
+/// Modification stamps of the three files, to notice a rotation cheaply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp(Vec<Option<(SystemTime, u64)>>);
+
+impl Stamp {
+    fn of(paths: &TlsPaths) -> Stamp {
+        Stamp(
+            [&paths.ca, &paths.cert, &paths.key]
+                .iter()
+                .map(|p| {
+                    std::fs::metadata(p)
+                        .ok()
+                        .and_then(|m| Some((m.modified().ok()?, m.len())))
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The shared "reload when the files change" machinery of both sides.
+struct Reloading<C> {
+    paths: TlsPaths,
+    current: ArcSwap<C>,
+    own: ArcSwap<SpiffeId>,
+    stamp: Mutex<Stamp>,
+    build: fn(&Material) -> Result<C, TlsError>,
+}
+
+impl<C: Send + Sync + 'static> Reloading<C> {
+    fn load(
+        paths: &TlsPaths,
+        build: fn(&Material) -> Result<C, TlsError>,
+    ) -> Result<Self, TlsError> {
+        let stamp = Stamp::of(paths);
+        let material = Material::load(paths)?;
+        let config = build(&material)?;
+        Ok(Reloading {
+            paths: paths.clone(),
+            current: ArcSwap::from_pointee(config),
+            own: ArcSwap::from_pointee(material.own),
+            stamp: Mutex::new(stamp),
+            build,
+        })
+    }
+
+    /// Rebuilds the config if a file changed. Returns whether it did. On error the
+    /// previous config stays in force: a half-written rotation must not take a node down.
+    fn reload(&self) -> Result<bool, TlsError> {
+        let now = Stamp::of(&self.paths);
+        {
+            let seen = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+            if *seen == now {
+                return Ok(false);
+            }
+        }
+        let material = Material::load(&self.paths)?;
+        let config = (self.build)(&material)?;
+        if material.own.trust_domain != self.own.load().trust_domain {
+            warn!(
+                old = %self.own.load(),
+                new = %material.own,
+                "rotated certificate changes the trust domain"
+            );
+        }
+        self.current.store(Arc::new(config));
+        self.own.store(Arc::new(material.own));
+        *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) = now;
+        Ok(true)
+    }
+
+    fn spawn_reloader(self: &Arc<Self>, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(this.paths.reload_interval());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                match this.reload() {
+                    Ok(true) => {
+                        info!(identity = %this.own.load(), cert = %this.paths.cert.display(), "tls certificates reloaded")
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        warn!(error = %e, "tls reload failed, keeping the previous certificates")
+                    }
+                }
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------- server side
+
+/// Server half: requires a client certificate of our CA on every connection.
+#[derive(Clone)]
+pub struct ServerTls {
+    inner: Arc<Reloading<ServerConfig>>,
+    stats: Arc<TlsStats>,
+}
+
+/// Counters a server exposes for metrics and security monitoring.
+#[derive(Debug, Default)]
+pub struct TlsStats {
+    pub handshakes_ok: AtomicU64,
+    pub handshakes_failed: AtomicU64,
+    pub peers_refused: AtomicU64,
+}
+
+fn build_server(m: &Material) -> Result<ServerConfig, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(m.roots.clone(), provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(m.chain.clone(), m.key.clone_key())?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+impl ServerTls {
+    pub fn load(paths: &TlsPaths) -> Result<ServerTls, TlsError> {
+        Ok(ServerTls {
+            inner: Arc::new(Reloading::load(paths, build_server)?),
+            stats: Arc::default(),
+        })
+    }
+
+    /// An acceptor with the certificates in force now.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.inner.current.load_full())
+    }
+
+    /// Re-reads the files if they changed.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        self.inner.reload()
+    }
+
+    pub fn spawn_reloader(&self, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+        self.inner.spawn_reloader(cancel)
+    }
+
+    /// This process's own identity, from its certificate.
+    pub fn own_identity(&self) -> SpiffeId {
+        (**self.inner.own.load()).clone()
+    }
+
+    pub fn trust_domain(&self) -> String {
+        self.inner.own.load().trust_domain.clone()
+    }
+
+    pub fn stats(&self) -> &Arc<TlsStats> {
+        &self.stats
+    }
+
+    /// Completes the TLS handshake on an accepted socket and reads the peer's identity.
+    /// A peer whose certificate names no identity of our trust domain is refused here,
+    /// before any RPC is parsed.
+    pub async fn accept(&self, tcp: TcpStream, remote: SocketAddr) -> Result<TlsConn, TlsError> {
+        let peer = remote.to_string();
+        let stream =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor().accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(source)) => {
+                    self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                    return Err(TlsError::Handshake { peer, source });
+                }
+                Err(_) => {
+                    self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                    return Err(TlsError::HandshakeTimeout { peer });
+                }
+            };
+        let id = {
+            let (_, conn) = stream.get_ref();
+            let Some(cert) = conn.peer_certificates().and_then(|c| c.first()) else {
+                self.stats.peers_refused.fetch_add(1, Ordering::Relaxed);
+                return Err(TlsError::PeerRefused {
+                    peer,
+                    reason: "no client certificate".into(),
+                });
+            };
+            match SpiffeId::from_cert_der(cert) {
+                Ok(id) => id,
+                Err(e) => {
+                    self.stats.peers_refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(TlsError::PeerRefused {
+                        peer,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        };
+        let ours = self.trust_domain();
+        if id.trust_domain != ours {
+            self.stats.peers_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(TlsError::PeerRefused {
+                peer,
+                reason: format!("identity {id} is not of trust domain {ours}"),
+            });
+        }
+        self.stats.handshakes_ok.fetch_add(1, Ordering::Relaxed);
+        Ok(TlsConn {
+            stream,
+            info: PeerInfo {
+                remote_addr: remote,
+                id,
+            },
+        })
+    }
+}
+
+/// The authenticated peer of a connection; attached to every request on it.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote_addr: SocketAddr,
+    pub id: SpiffeId,
+}
+
+/// A server-side TLS stream whose peer has been authenticated.
+pub struct TlsConn {
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl TlsConn {
+    pub fn peer(&self) -> &PeerInfo {
+        &self.info
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+/// The authenticated identity of the caller of an RPC.
+///
+/// Fails with `unauthenticated` only if the request did not come through [`serve`],
+/// which is a wiring bug, not a client error.
+pub fn peer_identity<T>(req: &tonic::Request<T>) -> Result<SpiffeId, tonic::Status> {
+    req.extensions()
+        .get::<PeerInfo>()
+        .map(|p| p.id.clone())
+        .ok_or_else(|| {
+            tonic::Status::unauthenticated("no authenticated client certificate on this connection")
+        })
+}
+
+/// The peer of an RPC with its address.
+pub fn peer_info<T>(req: &tonic::Request<T>) -> Option<PeerInfo> {
+    req.extensions().get::<PeerInfo>().cloned()
+}
+
+/// Serves `router` on `listener` with mutual TLS until `cancel` fires.
+///
+/// Handshakes run in their own tasks so a slow or hostile client cannot stall the accept
+/// loop; failures are counted in [`ServerTls::stats`] and logged at debug level (a port
+/// scan must not flood the log).
+pub async fn serve(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    tls: ServerTls,
+    cancel: CancellationToken,
+) -> Result<(), TlsError> {
+    let incoming = incoming(listener, tls, cancel.clone());
+    router
+        .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+        .await
+        .map_err(|e| TlsError::Serve(e.to_string()))
+}
+
+/// A stream of authenticated connections from `listener`, ending when `cancel` fires.
+/// Useful for servers other than tonic (the /metrics endpoint).
+pub fn incoming(
+    listener: TcpListener,
+    tls: ServerTls,
+    cancel: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<TlsConn, io::Error>>(256);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if let Err(e) = tcp.set_nodelay(true) {
+                debug!(error = %e, "set_nodelay failed");
+            }
+            let tls = tls.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tls.accept(tcp, remote).await {
+                    Ok(conn) => {
+                        // The receiver is gone only while shutting down.
+                        let _sent = tx.send(Ok(conn)).await;
+                    }
+                    Err(e) => debug!(error = %e, "connection refused"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+// ---------------------------------------------------------------- client side
+
+/// Client half: presents our certificate and accepts only coordinators of our trust domain.
+#[derive(Clone)]
+pub struct ClientTls {
+    inner: Arc<Reloading<ClientConfig>>,
+}
+
+/// Verifies the chain and name like any TLS client, then also requires the server's
+/// certificate to name a coordinator of our trust domain: an agent's certificate, valid
+/// as it is, must not be able to pose as a coordinator.
+#[derive(Debug)]
+struct CoordinatorVerifier {
+    webpki: Arc<WebPkiServerVerifier>,
+    trust_domain: String,
+}
+
+impl ServerCertVerifier for CoordinatorVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let id = SpiffeId::from_cert_der(end_entity)
+            .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
+        match id.identity {
+            Identity::Coordinator { .. } if id.trust_domain == self.trust_domain => {
+                Ok(ServerCertVerified::assertion())
+            }
+            _ => Err(rustls::Error::General(format!(
+                "server identity {id} is not a coordinator of trust domain {}",
+                self.trust_domain
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+fn build_client(m: &Material) -> Result<ClientConfig, TlsError> {
+    let webpki = WebPkiServerVerifier::builder_with_provider(m.roots.clone(), provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = Arc::new(CoordinatorVerifier {
+        webpki,
+        trust_domain: m.own.trust_domain.clone(),
+    });
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(m.chain.clone(), m.key.clone_key())?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// `host:port` and `https://host:port` → (host, port).
+pub fn parse_endpoint(endpoint: &str) -> Result<(String, u16), TlsError> {
+    let bad = |reason: &str| TlsError::Endpoint {
+        endpoint: endpoint.to_string(),
+        reason: reason.to_string(),
+    };
+    let rest = endpoint
+        .strip_prefix("https://")
+        .unwrap_or(endpoint)
+        .trim_end_matches('/');
+    if rest.starts_with("http://") {
+        return Err(bad("plaintext http is not supported"));
+    }
+    if rest.contains('/') {
+        return Err(bad("no path allowed"));
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, p) = v6.split_once("]:").ok_or_else(|| bad("missing port"))?;
+        (h.to_string(), p)
+    } else {
+        let (h, p) = rest.rsplit_once(':').ok_or_else(|| bad("missing port"))?;
+        (h.to_string(), p)
+    };
+    if host.is_empty() {
+        return Err(bad("missing host"));
+    }
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| bad("port is not a number"))?;
+    Ok((host, port))
+}
+
+impl ClientTls {
+    pub fn load(paths: &TlsPaths) -> Result<ClientTls, TlsError> {
+        Ok(ClientTls {
+            inner: Arc::new(Reloading::load(paths, build_client)?),
+        })
+    }
+
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        self.inner.reload()
+    }
+
+    pub fn spawn_reloader(&self, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+        self.inner.spawn_reloader(cancel)
+    }
+
+    pub fn own_identity(&self) -> SpiffeId {
+        (**self.inner.own.load()).clone()
+    }
+
+    /// Opens one TLS stream to `endpoint` (the gRPC channel does this per connection).
+    pub async fn connect_stream(
+        &self,
+        endpoint: &str,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TlsError> {
+        let (host, port) = parse_endpoint(endpoint)?;
+        connect_tls(self.inner.current.load_full(), &host, port).await
+    }
+
+    /// A gRPC channel to `endpoint`. It connects lazily, and each new connection uses the
+    /// certificates in force at that moment.
+    pub fn channel(&self, endpoint: &str) -> Result<tonic::transport::Channel, TlsError> {
+        Ok(self
+            .endpoint(endpoint)?
+            .connect_with_connector_lazy(self.connector()))
+    }
+
+    /// Like [`ClientTls::channel`] but connects now, so an unreachable endpoint is an
+    /// error here, with the whole reason (refused, timed out, certificate refused...).
+    pub async fn connect(
+        &self,
+        endpoint: &str,
+        timeout: Duration,
+    ) -> Result<tonic::transport::Channel, TlsError> {
+        let ep = self.endpoint(endpoint)?.connect_timeout(timeout);
+        ep.connect_with_connector(self.connector())
+            .await
+            .map_err(|e| TlsError::Connect {
+                endpoint: endpoint.to_string(),
+                reason: error_chain(&e),
+            })
+    }
+
+    /// The tonic endpoint for `endpoint`, with keepalives that notice a dead peer within
+    /// seconds (a cut link must not leave a session hanging for minutes).
+    pub fn endpoint(&self, endpoint: &str) -> Result<tonic::transport::Endpoint, TlsError> {
+        let (host, port) = parse_endpoint(endpoint)?;
+        let uri = if host.contains(':') {
+            format!("http://[{host}]:{port}")
+        } else {
+            format!("http://{host}:{port}")
+        };
+        let ep = tonic::transport::Endpoint::from_shared(uri).map_err(|e| TlsError::Endpoint {
+            endpoint: endpoint.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(ep
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true))
+    }
+
+    fn connector(
+        &self,
+    ) -> impl tower::Service<
+        http::Uri,
+        Response = ClientIo,
+        Error = TlsError,
+        Future = ConnectFuture,
+    > + Clone
+    + Send
+    + 'static {
+        let inner = Arc::clone(&self.inner);
+        tower::service_fn(move |uri: http::Uri| {
+            let config = inner.current.load_full();
+            Box::pin(async move {
+                let host = uri
+                    .host()
+                    .ok_or_else(|| TlsError::Endpoint {
+                        endpoint: uri.to_string(),
+                        reason: "no host".into(),
+                    })?
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string();
+                let port = uri.port_u16().unwrap_or(443);
+                let stream = connect_tls(config, &host, port).await?;
+                Ok(hyper_util::rt::TokioIo::new(stream))
+            }) as ConnectFuture
+        })
+    }
+}
+
+/// `e: cause: cause`, skipping repeats (tonic and hyper wrap the same message).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let msg = err.to_string();
+        if !parts.iter().any(|p| p.contains(&msg)) {
+            parts.push(msg);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
+}
+
+type ClientIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+type ConnectFuture = Pin<Box<dyn std::future::Future<Output = Result<ClientIo, TlsError>> + Send>>;
+
+async fn connect_tls(
+    config: Arc<ClientConfig>,
+    host: &str,
+    port: u16,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TlsError> {
+    let peer = format!("{host}:{port}");
+    let tcp = TcpStream::connect((host, port))
+        .await
+        .map_err(|source| TlsError::Handshake {
+            peer: peer.clone(),
+            source,
+        })?;
+    if let Err(e) = tcp.set_nodelay(true) {
+        debug!(error = %e, "set_nodelay failed");
+    }
+    let name = ServerName::try_from(host.to_string()).map_err(|e| TlsError::Endpoint {
+        endpoint: peer.clone(),
+        reason: e.to_string(),
+    })?;
+    match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(source)) => Err(TlsError::Handshake { peer, source }),
+        Err(_) => Err(TlsError::HandshakeTimeout { peer }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(
+            parse_endpoint("127.0.0.1:7001").unwrap(),
+            ("127.0.0.1".into(), 7001)
+        );
+        assert_eq!(parse_endpoint("https://a.b:1/").unwrap(), ("a.b".into(), 1));
+        assert_eq!(parse_endpoint("[::1]:9").unwrap(), ("::1".into(), 9));
+        for bad in ["127.0.0.1", "http://a:1", "a:b", ":1", "https://a:1/x"] {
+            assert!(parse_endpoint(bad).is_err(), "{bad}");
+        }
+    }
+}
