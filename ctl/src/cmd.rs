@@ -1,0 +1,42 @@
+//! One module per command group; [`dispatch`] wires the parsed CLI to them.
+//!
+//! Commands that talk to coordinators get a [`Client`] built from flags, environment and
+//! config file (see `config.rs`); `cert` and `demo` need none up front.
+
+use std::collections::HashMap;
+
+use crate::cli::{Cli, Command};
+use crate::client::Client;
+use crate::config;
+
+pub mod agents;
+pub mod cert;
+pub mod cluster;
+pub mod commands;
+pub mod demo;
+pub mod run;
+pub mod status;
+
+/// An invocation that cannot work as written (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+pub async fn dispatch(cli: Cli, env: &HashMap<String, String>) -> anyhow::Result<()> {
+    let format = cli.conn.output;
+    let connect = || -> anyhow::Result<Client> {
+        let cfg = config::resolve(&cli.conn, cli.timeout, env)?;
+        Ok(Client::new(cfg)?)
+    };
+    match cli.command {
+        Command::Cert(c) => cert::run(c, format),
+        Command::Demo(args) => demo::run(args).await,
+        Command::Whoami => status::whoami(&connect()?, format).await,
+        Command::Status { linearizable } => status::status(&connect()?, linearizable, format).await,
+        Command::Cluster(c) => cluster::run(&connect()?, c, format).await,
+        Command::Agents(c) => agents::run(&connect()?, c, format).await,
+        Command::Run(args) => run::run(&connect()?, args, format).await,
+        Command::Commands(c) => commands::run(&connect()?, c, format).await,
+        Command::Cancel { key, reason } => commands::cancel(&connect()?, key, reason, format).await,
+    }
+}
