@@ -1,0 +1,542 @@
+//! dr-loadgen: the fan-in benchmark of the control plane.
+//!
+//! Opens N agent sessions over mutual TLS to a coordinator cluster, each with its own
+//! certificate (an agent may only speak for its own host, so the load must be N distinct
+//! identities), heartbeats every interval with K check results, and answers commands at
+//! once. While the load runs it samples the CPU and RSS of the processes named with
+//! `--watch-pid` and measures the command round trip drctl -> leader -> one agent -> back
+//! through the Control API. Prints a summary (text or JSON) for docs/benchmarks.md.
+//!
+//! ```text
+//! dr-loadgen --ca-dir DEMO/certs --endpoints 127.0.0.1:7001,... --sessions 10000 \
+//!            --watch-pid $(cat DEMO/coordinator-1.pid) --duration 60s
+//! ```
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use dr_proto::pb;
+use dr_proto::tls::{ClientTls, TlsPaths};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(about = "Opens many agent sessions against a coordinator cluster and measures it")]
+struct Args {
+    /// Directory with ca.pem and ca.key (as made by `drctl cert init`).
+    #[arg(long)]
+    ca_dir: PathBuf,
+    /// Coordinator endpoints, comma separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    endpoints: Vec<String>,
+    #[arg(long, default_value_t = 10_000)]
+    sessions: usize,
+    /// Heartbeat interval of every session.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Check results per heartbeat.
+    #[arg(long, default_value_t = 5)]
+    checks: usize,
+    /// How long to hold the full load after every session is connected.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// New sessions opened per second while ramping up.
+    #[arg(long, default_value_t = 1000)]
+    connect_rate: u32,
+    /// Command round trips to measure during the steady state.
+    #[arg(long, default_value_t = 200)]
+    round_trips: usize,
+    /// Processes whose CPU and RSS are sampled during the steady state (e.g. the leader).
+    #[arg(long)]
+    watch_pid: Vec<u32>,
+    /// Where the generated certificates go (default: a temp dir, removed at exit).
+    #[arg(long)]
+    cert_dir: Option<PathBuf>,
+    /// Region the simulated agents claim.
+    #[arg(long, default_value = "beijing")]
+    region: String,
+    #[arg(long, default_value = "text")]
+    output: String,
+}
+
+#[derive(Default)]
+struct Counters {
+    connected: AtomicUsize,
+    heartbeats: AtomicU64,
+    commands: AtomicU64,
+    reconnects: AtomicU64,
+    errors: AtomicU64,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start tokio runtime")?;
+    rt.block_on(run(args))
+}
+
+struct CertFactory {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    trust_domain: String,
+    ca_pem: PathBuf,
+    dir: PathBuf,
+}
+
+impl CertFactory {
+    fn new(ca_dir: &Path, dir: &Path) -> Result<CertFactory> {
+        let ca_pem_path = ca_dir.join("ca.pem");
+        let ca_pem = std::fs::read_to_string(&ca_pem_path)
+            .with_context(|| format!("read {}", ca_pem_path.display()))?;
+        let key_pem = std::fs::read_to_string(ca_dir.join("ca.key"))
+            .with_context(|| format!("read {}", ca_dir.join("ca.key").display()))?;
+        let key = rcgen::KeyPair::from_pem(&key_pem).context("parse ca.key")?;
+        let der = rustls_der(&ca_pem)?;
+        let trust_domain = dr_proto::identity::trust_domain_of_ca(&der)
+            .context("read the trust domain from ca.pem")?;
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, key).context("load the CA")?;
+        Ok(CertFactory {
+            issuer,
+            trust_domain,
+            ca_pem: ca_pem_path,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn issue(&self, name: &str, uri: &str) -> Result<TlsPaths> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name.to_string());
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI(uri.to_string().try_into()?));
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert_path = self.dir.join(format!("{name}.pem"));
+        let key_path = self.dir.join(format!("{name}.key"));
+        std::fs::write(&cert_path, cert.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        Ok(TlsPaths {
+            ca: self.ca_pem.clone(),
+            cert: cert_path,
+            key: key_path,
+            reload_interval: None,
+        })
+    }
+}
+
+fn rustls_der(pem: &str) -> Result<Vec<u8>> {
+    let cert = rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .context("ca.pem holds no certificate")?
+        .context("ca.pem is not valid PEM")?;
+    Ok(cert.to_vec())
+}
+
+async fn run(args: Args) -> Result<()> {
+    let tmp;
+    let cert_dir = match &args.cert_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let factory = CertFactory::new(&args.ca_dir, &cert_dir)?;
+    eprintln!("==> issuing {} agent certificates", args.sessions);
+    let t = Instant::now();
+    let mut agent_tls = Vec::with_capacity(args.sessions);
+    for i in 0..args.sessions {
+        let host = format!("load-{i:05}");
+        let uri = format!("spiffe://{}/agent/{host}", factory.trust_domain);
+        agent_tls.push((host.clone(), factory.issue(&format!("agent-{host}"), &uri)?));
+    }
+    eprintln!("    {:.1}s", t.elapsed().as_secs_f64());
+    let op_uri = format!(
+        "spiffe://{}/operator/loadgen?role=operator",
+        factory.trust_domain
+    );
+    let operator = ClientTls::load(&factory.issue("operator-loadgen", &op_uri)?)?;
+
+    let counters = Arc::new(Counters::default());
+    let cancel = CancellationToken::new();
+    let endpoints = Arc::new(args.endpoints.clone());
+
+    eprintln!(
+        "==> opening {} sessions at {}/s",
+        args.sessions, args.connect_rate
+    );
+    let t = Instant::now();
+    let mut handles = Vec::new();
+    let pause = Duration::from_secs_f64(1.0 / f64::from(args.connect_rate.max(1)));
+    for (host, paths) in agent_tls {
+        let tls = ClientTls::load(&paths)?;
+        let sess = Session {
+            host,
+            region: args.region.clone(),
+            tls,
+            endpoints: endpoints.clone(),
+            interval: args.interval,
+            checks: args.checks,
+            counters: counters.clone(),
+        };
+        handles.push(tokio::spawn(sess.run(cancel.clone())));
+        tokio::time::sleep(pause).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while counters.connected.load(Ordering::Relaxed) < args.sessions {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {} sessions connected after the ramp-up",
+                counters.connected.load(Ordering::Relaxed),
+                args.sessions
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ramp = t.elapsed();
+    eprintln!("    all connected in {:.1}s", ramp.as_secs_f64());
+
+    // Let the initial HostUp transitions settle before measuring the steady state.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    eprintln!("==> steady state for {:?}", args.duration);
+    let hb0 = counters.heartbeats.load(Ordering::Relaxed);
+    let samplers: Vec<_> = args
+        .watch_pid
+        .iter()
+        .map(|&pid| tokio::spawn(sample_process(pid, args.duration)))
+        .collect();
+
+    let rtts = measure_round_trips(
+        &operator,
+        &endpoints,
+        args.sessions,
+        args.round_trips,
+        args.duration,
+    )
+    .await?;
+
+    let mut procs = Vec::new();
+    for (pid, s) in args.watch_pid.iter().zip(samplers) {
+        procs.push((*pid, s.await??));
+    }
+    let hb = counters.heartbeats.load(Ordering::Relaxed) - hb0;
+    cancel.cancel();
+    for h in handles {
+        h.await.ok();
+    }
+
+    let pct = |p: f64| -> f64 {
+        if rtts.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((rtts.len() as f64 - 1.0) * p).round() as usize;
+        rtts[i].as_secs_f64() * 1000.0
+    };
+    let summary = serde_json::json!({
+        "sessions": args.sessions,
+        "interval_ms": args.interval.as_millis() as u64,
+        "checks_per_heartbeat": args.checks,
+        "ramp_s": ramp.as_secs_f64(),
+        "steady_s": args.duration.as_secs_f64(),
+        "heartbeats_per_s": hb as f64 / args.duration.as_secs_f64(),
+        "reconnects": counters.reconnects.load(Ordering::Relaxed),
+        "errors": counters.errors.load(Ordering::Relaxed),
+        "round_trips": rtts.len(),
+        "rtt_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": pct(1.0)},
+        "processes": procs.iter().map(|(pid, s)| serde_json::json!({
+            "pid": pid, "cpu_cores_avg": s.cpu_cores, "rss_mb_max": s.rss_max_mb, "rss_mb_avg": s.rss_avg_mb,
+        })).collect::<Vec<_>>(),
+    });
+    if args.output == "json" {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "sessions {}  heartbeats/s {:.0}  reconnects {}  errors {}",
+            args.sessions,
+            summary["heartbeats_per_s"].as_f64().unwrap_or(0.0),
+            summary["reconnects"],
+            summary["errors"]
+        );
+        println!(
+            "command round trip over {} runs: p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+            rtts.len(),
+            pct(0.5),
+            pct(0.9),
+            pct(0.99),
+            pct(1.0)
+        );
+        for (pid, s) in &procs {
+            println!(
+                "pid {pid}: cpu {:.2} cores avg, rss {:.0} MB max ({:.0} MB avg)",
+                s.cpu_cores, s.rss_max_mb, s.rss_avg_mb
+            );
+        }
+    }
+    Ok(())
+}
+
+struct Session {
+    host: String,
+    region: String,
+    tls: ClientTls,
+    endpoints: Arc<Vec<String>>,
+    interval: Duration,
+    checks: usize,
+    counters: Arc<Counters>,
+}
+
+impl Session {
+    async fn run(self, cancel: CancellationToken) {
+        let incarnation: u64 = rand::random();
+        let mut target: Option<String> = None;
+        let mut next = 0usize;
+        let mut first = true;
+        while !cancel.is_cancelled() {
+            let endpoint = target.take().unwrap_or_else(|| {
+                next = (next + 1) % self.endpoints.len();
+                self.endpoints[next].clone()
+            });
+            if !first {
+                self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+            first = false;
+            match self.session(&endpoint, incarnation, &cancel).await {
+                Ok(Some(redirect)) => target = Some(redirect),
+                Ok(None) => {}
+                Err(_) => {
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    let jitter = Duration::from_millis(rand::random::<u64>() % 1000);
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(200) + jitter) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One session; returns a redirect target when the coordinator is not the leader.
+    async fn session(
+        &self,
+        endpoint: &str,
+        incarnation: u64,
+        cancel: &CancellationToken,
+    ) -> Result<Option<String>> {
+        let channel = self.tls.connect(endpoint, Duration::from_secs(10)).await?;
+        let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+        let (tx, rx) = mpsc::channel::<pb::AgentMessage>(16);
+        let hello = pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                host_id: self.host.clone(),
+                region: self.region.clone(),
+                site: "load".into(),
+                roles: vec!["load".into()],
+                version: "loadgen".into(),
+                incarnation,
+                check_names: (0..self.checks).map(|i| format!("check-{i}")).collect(),
+                ..Default::default()
+            })),
+        };
+        tx.send(hello).await?;
+        let mut inbound = client
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let mut connected = false;
+        let mut tick = tokio::time::interval(self.interval);
+        // Spread heartbeats over the interval instead of sending them all at once.
+        tick.reset_after(Duration::from_millis(
+            rand::random::<u64>() % self.interval.as_millis().max(1) as u64,
+        ));
+        let mut seq = 0u64;
+        let result = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break Ok(None),
+                _ = tick.tick() => {
+                    seq += 1;
+                    let now = chrono::Utc::now().timestamp_millis();
+                    let checks = (0..self.checks).map(|i| pb::CheckResult {
+                        name: format!("check-{i}"),
+                        service: "load".into(),
+                        tier: pb::Tier::Important as i32,
+                        state: pb::CheckState::Passing as i32,
+                        detail: String::new(),
+                        duration_ms: 1,
+                        observed_at_unix_ms: now,
+                    }).collect();
+                    let hb = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
+                        seq, checks, sent_at_unix_ms: now, ..Default::default()
+                    }))};
+                    if tx.send(hb).await.is_err() { break Ok(None); }
+                    self.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
+                }
+                msg = inbound.message() => {
+                    let msg = match msg {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break Ok(None),
+                        Err(e) => break Err(e.into()),
+                    };
+                    match msg.msg {
+                        Some(pb::coordinator_message::Msg::Welcome(_)) if !connected => {
+                            connected = true;
+                            self.counters.connected.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Some(pb::coordinator_message::Msg::Redirect(r)) => {
+                            break Ok(Some(r.leader_endpoint).filter(|e| !e.is_empty()));
+                        }
+                        Some(pb::coordinator_message::Msg::Command(c)) => {
+                            self.counters.commands.fetch_add(1, Ordering::Relaxed);
+                            let ack = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Ack(pb::CommandAck { key: c.key.clone() })) };
+                            let res = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Result(pb::CommandResult {
+                                key: c.key, success: true, message: "ok".into(), host_id: self.host.clone(), ..Default::default()
+                            }))};
+                            if tx.send(ack).await.is_err() || tx.send(res).await.is_err() { break Ok(None); }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        };
+        if connected {
+            self.counters.connected.fetch_sub(1, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+/// Round trips of `RunAction(run_checks)` to one random loaded agent, one at a time.
+async fn measure_round_trips(
+    operator: &ClientTls,
+    endpoints: &[String],
+    sessions: usize,
+    count: usize,
+    within: Duration,
+) -> Result<Vec<Duration>> {
+    let mut client = None;
+    for ep in endpoints {
+        if let Ok(ch) = operator.connect(ep, Duration::from_secs(5)).await {
+            client = Some(pb::control_service_client::ControlServiceClient::new(ch));
+            break;
+        }
+    }
+    let mut client = client.context("no coordinator reachable for round trips")?;
+    let pause = within / (count.max(1) as u32);
+    let mut out = Vec::with_capacity(count);
+    let mut failures: HashMap<String, usize> = HashMap::new();
+    for _ in 0..count {
+        let host = format!(
+            "load-{:05}",
+            rand::random::<u64>() as usize % sessions.max(1)
+        );
+        let t = Instant::now();
+        let req = pb::RunActionRequest {
+            selector: Some(pb::Selector {
+                hosts: vec![host],
+                ..Default::default()
+            }),
+            action: Some(pb::Action {
+                kind: Some(pb::action::Kind::RunChecks(pb::RunChecks::default())),
+            }),
+            timeout_ms: 10_000,
+            wait: true,
+            request_id: uuid_like(),
+        };
+        match client.run_action(req).await {
+            Ok(resp) => {
+                let mut stream = resp.into_inner();
+                let mut done = false;
+                while let Ok(Some(ev)) = stream.message().await {
+                    if let Some(pb::action_event::Event::Result(r)) = ev.event {
+                        done = r.success;
+                        break;
+                    }
+                }
+                if done {
+                    out.push(t.elapsed());
+                } else {
+                    *failures.entry("no successful result".into()).or_default() += 1;
+                }
+            }
+            Err(e) => *failures.entry(e.code().to_string()).or_default() += 1,
+        }
+        tokio::time::sleep(pause.saturating_sub(t.elapsed())).await;
+    }
+    if !failures.is_empty() {
+        eprintln!("    round-trip failures: {failures:?}");
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn uuid_like() -> String {
+    format!("lg-{}", uuid::Uuid::new_v4())
+}
+
+struct ProcSample {
+    cpu_cores: f64,
+    rss_max_mb: f64,
+    rss_avg_mb: f64,
+}
+
+/// Average CPU (in cores) and RSS of `pid` over `window`, from /proc.
+async fn sample_process(pid: u32, window: Duration) -> Result<ProcSample> {
+    let ticks = 100.0; // USER_HZ on Linux
+    let cpu = |pid: u32| -> Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let after = stat.rsplit_once(')').context("bad /proc stat")?.1;
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let utime: f64 = f.get(11).context("no utime")?.parse()?;
+        let stime: f64 = f.get(12).context("no stime")?.parse()?;
+        Ok((utime + stime) / ticks)
+    };
+    let rss = |pid: u32| -> Result<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .context("no VmRSS")?;
+        let kb: f64 = line
+            .split_whitespace()
+            .nth(1)
+            .context("bad VmRSS")?
+            .parse()?;
+        Ok(kb / 1024.0)
+    };
+    let c0 = cpu(pid)?;
+    let t0 = Instant::now();
+    let mut max: f64 = 0.0;
+    let mut sum = 0.0;
+    let mut n = 0.0;
+    while t0.elapsed() < window {
+        let r = rss(pid)?;
+        max = max.max(r);
+        sum += r;
+        n += 1.0;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let c1 = cpu(pid)?;
+    Ok(ProcSample {
+        cpu_cores: (c1 - c0) / t0.elapsed().as_secs_f64(),
+        rss_max_mb: max,
+        rss_avg_mb: if n > 0.0 { sum / n } else { 0.0 },
+    })
+}
