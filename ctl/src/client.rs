@@ -310,14 +310,21 @@ pub fn looks_like_tls_refusal(chain: &str) -> bool {
     .any(|k| lower.contains(k))
 }
 
+/// Also set by the coordinator's Raft layer; read as a fallback.
+const LEADER_ENDPOINT_HEADER: &str = "x-dr-leader-endpoint";
+
 fn leader_hint(status: &tonic::Status) -> Option<String> {
-    status
-        .metadata()
-        .get(LEADER_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map(String::from)
+    [LEADER_HEADER, LEADER_ENDPOINT_HEADER]
+        .iter()
+        .find_map(|key| {
+            status
+                .metadata()
+                .get(*key)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(String::from)
+        })
 }
 
 /// The server's answer as an operator message.

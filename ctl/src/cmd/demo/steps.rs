@@ -37,8 +37,8 @@ pub fn find_binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
         }
     }
     anyhow::bail!(
-        "dr-coordinator and dr-agent were not found next to drctl in {}; run `cargo build --workspace` first \
-         (or use scripts/demo.sh, which does)",
+        "dr-coordinator and dr-agent were not found next to drctl in {}; run `cargo build --workspace` first, \
+         then `target/debug/drctl demo`",
         dir.display()
     )
 }
