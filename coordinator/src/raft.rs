@@ -29,4 +29,4 @@ pub const LEADER_ENDPOINT_HEADER: &str = "x-dr-leader-endpoint";
 #[cfg(test)]
 mod t10_storage;
 #[cfg(test)]
-mod t20_cluster;
+pub(crate) mod t20_cluster;

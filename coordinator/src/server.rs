@@ -242,3 +242,92 @@ async fn stage(name: &'static str, fut: impl Future<Output = ()>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::raft::t20_cluster::TestCa;
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn t30_run_serves_metrics_over_mtls_and_shuts_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new(dir.path());
+        let paths = ca.issue("coordinator-1", "coordinator/1");
+        let (grpc_port, metrics_port) = (free_port(), free_port());
+        let text = format!(
+            r#"
+version = 1
+node_id = 1
+region = "beijing"
+listen = "127.0.0.1:{grpc_port}"
+metrics_listen = "127.0.0.1:{metrics_port}"
+data_dir = "data"
+[tls]
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+"#,
+            ca = paths.ca.display(),
+            cert = paths.cert.display(),
+            key = paths.key.display(),
+        );
+        let config =
+            Config::from_toml_str(&text, &dir.path().join("c.toml").display().to_string()).unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(run(config, stop.clone().cancelled_owned()));
+
+        // Any certificate of our CA may scrape; here a viewer operator's.
+        let scraper = ca.issue("operator-prom", "operator/prom?role=viewer");
+        let client = ClientTls::load(&scraper).unwrap();
+        let endpoint = format!("127.0.0.1:{metrics_port}");
+        let start = Instant::now();
+        let stream = loop {
+            match client.connect_stream(&endpoint).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(10),
+                        "metrics endpoint never came up: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::get(format!("https://{endpoint}/metrics"))
+            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), hyper::StatusCode::OK);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(text.contains("raft_term"), "{text}");
+        assert!(text.contains("agents_connected"), "{text}");
+
+        stop.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(30), server)
+            .await
+            .expect("run returns after shutdown")
+            .unwrap();
+        result.unwrap();
+        assert!(dir.path().join("data/raft.db").is_file());
+    }
+}

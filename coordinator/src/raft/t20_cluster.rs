@@ -19,13 +19,13 @@ use crate::metrics::Metrics;
 const TD: &str = "test.dr";
 
 /// A CA in `dir` plus helpers to issue leaf certificates.
-struct TestCa {
+pub(crate) struct TestCa {
     issuer: Issuer<'static, KeyPair>,
     dir: std::path::PathBuf,
 }
 
 impl TestCa {
-    fn new(dir: &Path) -> TestCa {
+    pub(crate) fn new(dir: &Path) -> TestCa {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -44,7 +44,7 @@ impl TestCa {
     }
 
     /// Issues `<name>.pem` / `<name>.key` for the SPIFFE path `path` and returns the paths.
-    fn issue(&self, name: &str, path: &str) -> TlsPaths {
+    pub(crate) fn issue(&self, name: &str, path: &str) -> TlsPaths {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
