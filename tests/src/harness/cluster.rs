@@ -86,6 +86,17 @@ pub mod cli {
         ]
     }
 
+    /// `drctl run --no-wait --host H checks`: returns once the command is committed.
+    pub fn run_checks_no_wait(host: &str) -> Vec<String> {
+        vec![
+            "run".into(),
+            "--no-wait".into(),
+            "--host".into(),
+            host.into(),
+            "checks".into(),
+        ]
+    }
+
     /// `drctl run --host H checks`.
     pub fn run_checks(host: &str) -> Vec<String> {
         vec!["run".into(), "--host".into(), host.into(), "checks".into()]

@@ -178,8 +178,13 @@ async fn member_far_behind_catches_up_through_a_snapshot() -> Result<()> {
 
     let commit = {
         info!("--- commit many entries while it is down");
-        for _ in 0..40 {
-            run_checks(&cluster, "h1").await?;
+        for i in 0..40 {
+            let out = cluster.drctl(cli::run_checks_no_wait("h1")).await?;
+            assert!(
+                out.status.success(),
+                "write {i}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let leader = cluster.leader_id().await?;
         let st = cluster.cluster_status_at(leader).await?;
@@ -197,7 +202,9 @@ async fn member_far_behind_catches_up_through_a_snapshot() -> Result<()> {
         let st = wait_applied(&cluster, lagging, commit).await?;
         assert!(
             get_u64(&st, "snapshot_index").unwrap_or(0) > 0,
-            "node {lagging} has no snapshot: {st}"
+            "node {lagging} caught up from the leader's log, not through a snapshot (the \
+             leader keeps its log after snapshotting: openraft's max_in_snapshot_log_to_keep \
+             must be below the entries a lagging member misses): {st}"
         );
         let keys = command_keys(&cluster, "h1").await?;
         assert!(

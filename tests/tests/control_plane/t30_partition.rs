@@ -1,5 +1,9 @@
 //! The leader cut off from the other two coordinators by the fault layer: the majority
 //! elects a new leader, the cut-off node commits nothing, and after healing all converge.
+//!
+//! Writes use `drctl run --no-wait`: the agents may still be attached to the cut-off node
+//! (only the coordinator links are cut), and a waiting `drctl run` would rightly wait for
+//! them; what is tested here is whether the write commits.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -43,7 +47,7 @@ async fn cut_off_leader_loses_writes_majority_elects_and_all_converge_after_heal
             Duration::from_secs(60),
             Duration::from_millis(500),
             || async {
-                let out = cluster.drctl_at(new, cli::run_checks("h1")).await?;
+                let out = cluster.drctl_at(new, cli::run_checks_no_wait("h1")).await?;
                 if out.status.success() {
                     Ok(Some(()))
                 } else {
@@ -56,7 +60,7 @@ async fn cut_off_leader_loses_writes_majority_elects_and_all_converge_after_heal
 
     {
         info!("--- the cut-off node accepts no writes");
-        let out = cluster.drctl_at(old, cli::run_checks("h2")).await?;
+        let out = cluster.drctl_at(old, cli::run_checks_no_wait("h2")).await?;
         assert!(
             !out.status.success(),
             "a write sent only to the cut-off node {old} succeeded: {}",
