@@ -23,8 +23,8 @@ pub use typ::{NodeInfo, TypeConfig};
 
 /// Metadata key naming the leader's node id on an `unavailable` answer.
 pub const LEADER_ID_HEADER: &str = "x-dr-leader-id";
-/// Metadata key naming the leader's endpoint on an `unavailable` answer.
-pub const LEADER_ENDPOINT_HEADER: &str = "x-dr-leader-endpoint";
+/// Metadata key naming the leader's endpoint on an `unavailable` answer (what drctl reads).
+pub const LEADER_ENDPOINT_HEADER: &str = "x-dr-leader";
 
 #[cfg(test)]
 mod t10_storage;
