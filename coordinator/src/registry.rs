@@ -337,7 +337,7 @@ impl Registry {
     /// Publishes a command event to in-memory subscribers (no-op without subscribers).
     pub fn publish(&self, event: CommandEvent) {
         // An error only means nobody is listening.
-        let _ = self.events.send(event);
+        self.events.send(event).ok();
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<CommandEvent> {

@@ -191,7 +191,7 @@ impl Session {
             Err(SessionError::Refused(status)) => {
                 warn!(session = %sid, error = %status.message(), "agent session ended with an error");
                 // Best effort: the agent may already be gone.
-                let _ = self.tx.send(Err(status)).await;
+                self.tx.send(Err(status)).await.ok();
             }
         }
     }
@@ -469,13 +469,13 @@ impl Session {
 
     async fn fail(&self, status: Status) {
         // Best effort: the agent may already be gone.
-        let _ = self.tx.send(Err(status)).await;
+        self.tx.send(Err(status)).await.ok();
     }
 
     async fn redirect(&self, reason: &str) {
         let msg = redirect(&self.ctx, reason);
         debug!(reason, "redirecting agent");
-        let _ = self.tx.send(Ok(msg)).await;
+        self.tx.send(Ok(msg)).await.ok();
     }
 }
 

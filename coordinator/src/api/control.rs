@@ -480,7 +480,7 @@ impl Watcher {
                     hosts
                         .keys()
                         .filter(|k| !finished.contains(**k))
-                        .filter_map(|k| s.commands.get(*k))
+                        .filter_map(|k| s.commands.get(k))
                         .map(|c| {
                             (
                                 c.key.clone(),
@@ -536,7 +536,7 @@ impl Watcher {
                         humantime::format_duration(self.timeout),
                         open.join(", ")
                     );
-                    let _ = self.tx.send(Err(Status::deadline_exceeded(msg))).await;
+                    self.tx.send(Err(Status::deadline_exceeded(msg))).await.ok();
                     return;
                 }
                 _ = self.tx.closed() => return,

@@ -987,7 +987,7 @@ mod tests {
 
     #[test]
     fn t70_deterministic_and_serde_roundtrip() {
-        let reqs = vec![
+        let reqs = [
             req(1, up("h1", 1)),
             req(
                 2,
