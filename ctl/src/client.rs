@@ -163,6 +163,38 @@ impl Client {
         self.tls.own_identity()
     }
 
+    /// This client with the current leader's endpoint tried first. Live facts (agent
+    /// connections, heartbeats, the events of a running action) are held in the leader's
+    /// memory only, so commands that show them ask the leader; any endpoint still works
+    /// as a fallback.
+    pub async fn prefer_leader(&self) -> ClientResult<Client> {
+        let s = self
+            .call("cluster status", |mut c| async move {
+                c.cluster_status(dr_proto::pb::ClusterStatusRequest {
+                    linearizable: false,
+                })
+                .await
+            })
+            .await?;
+        let leader = if s.leader_endpoint.is_empty() {
+            s.members
+                .iter()
+                .find(|m| m.node_id == s.leader_id && s.leader_id != 0)
+                .map(|m| m.addr.clone())
+        } else {
+            Some(s.leader_endpoint.clone())
+        };
+        let mut cfg = self.cfg.clone();
+        if let Some(leader) = leader {
+            cfg.endpoints.retain(|e| *e != leader);
+            cfg.endpoints.insert(0, leader);
+        }
+        Ok(Client {
+            cfg,
+            tls: self.tls.clone(),
+        })
+    }
+
     /// Runs `op` against the first endpoint that answers (see the module docs).
     pub async fn call<T, F, Fut>(&self, what: &str, op: F) -> ClientResult<T>
     where

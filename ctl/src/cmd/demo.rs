@@ -176,7 +176,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             if let Err(e) = demo.check_children() {
                 eprintln!("warning: {e:#}");
             }
-            match crate::cmd::status::fetch_status(&demo.client, false).await {
+            let client = match demo.client.prefer_leader().await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("status: {e}");
+                    continue;
+                }
+            };
+            match crate::cmd::status::fetch_status(&client, false).await {
                 Ok(s) => println!("\n{}", crate::cmd::status::render_status(&s)),
                 Err(e) => eprintln!("status: {e}"),
             }
