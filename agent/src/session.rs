@@ -59,7 +59,7 @@ const MAX_REDIRECTS: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("connect to {endpoint}: {reason}")]
+    #[error("{reason}")]
     Connect { endpoint: String, reason: String },
     #[error("{endpoint}: {status}")]
     Rpc { endpoint: String, status: String },
@@ -192,6 +192,7 @@ impl SessionTask {
         let mut backoff = Backoff::new(s.reconnect_min, s.reconnect_max, StdRng::from_os_rng());
         let mut next = 0usize;
         let mut redirects = 0u32;
+        let mut failures = 0u64;
         info!(incarnation = self.incarnation, "session starting");
         while !cancel.is_cancelled() {
             let endpoint = match self.handle.leader() {
@@ -226,11 +227,20 @@ impl SessionTask {
                     if welcomed {
                         backoff.reset();
                         redirects = 0;
+                        failures = 0;
                     } else {
                         lock(&self.handle.shared).leader = None;
                     }
                     let delay = backoff.next_delay();
-                    warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "session lost");
+                    failures += 1;
+                    let retry_in_ms = delay.as_millis() as u64;
+                    // Warn when a session is lost and then every tenth failed attempt, so a
+                    // coordinator outage is visible without one warning per retry.
+                    if welcomed || failures % 10 == 1 {
+                        warn!(error = %error, failures, retry_in_ms, "session lost");
+                    } else {
+                        info!(error = %error, failures, retry_in_ms, "reconnect failed");
+                    }
                     Some(delay)
                 }
             };

@@ -154,4 +154,108 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
+
+    /// Stops the postmaster by PID when the test ends, also on failure.
+    struct Postmaster(std::process::Child);
+    impl Drop for Postmaster {
+        fn drop(&mut self) {
+            if let Ok(pid) = i32::try_from(self.0.id()) {
+                // SIGINT: fast shutdown.
+                let _ignored = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGINT,
+                );
+            }
+            let _ignored = self.0.wait();
+        }
+    }
+
+    /// Against a real PostgreSQL 15 (initdb in a temp dir, free port); skipped when the
+    /// binaries are not installed, or when running as root without a `postgres` user.
+    #[tokio::test]
+    async fn real_postgres_query_and_expect() {
+        use std::os::unix::process::CommandExt;
+        let bin = std::path::Path::new("/usr/lib/postgresql/15/bin");
+        if std::fs::metadata(bin.join("initdb")).is_err() {
+            eprintln!("skipped: no PostgreSQL 15 binaries");
+            return;
+        }
+        let user = if nix::unistd::geteuid().is_root() {
+            match nix::unistd::User::from_name("postgres") {
+                Ok(Some(u)) => Some((u.uid, u.gid)),
+                _ => {
+                    eprintln!("skipped: running as root without a postgres user");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        if let Some((uid, gid)) = user {
+            nix::unistd::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+        }
+        let as_user = |c: &mut std::process::Command| {
+            if let Some((uid, gid)) = user {
+                c.uid(uid.as_raw()).gid(gid.as_raw());
+            }
+        };
+        let mut initdb = std::process::Command::new(bin.join("initdb"));
+        initdb.args([
+            "-D",
+            data.to_str().unwrap(),
+            "-U",
+            "dr_monitor",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+        ]);
+        initdb
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        as_user(&mut initdb);
+        assert!(initdb.status().unwrap().success(), "initdb failed");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut pg = std::process::Command::new(bin.join("postgres"));
+        pg.args([
+            "-D",
+            data.to_str().unwrap(),
+            "-p",
+            &port.to_string(),
+            "-c",
+            "listen_addresses=127.0.0.1",
+        ]);
+        pg.args(["-k", dir.path().to_str().unwrap()]);
+        pg.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        as_user(&mut pg);
+        let _guard = Postmaster(pg.spawn().unwrap());
+
+        let url = format!("postgres://dr_monitor@127.0.0.1:{port}/postgres?sslmode=disable");
+        let mut st = PgState::new(&url, "select 1", Some("1"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match st.probe().await {
+                Outcome::Pass(_) => break,
+                other => assert!(
+                    std::time::Instant::now() < deadline,
+                    "postgres never answered: {other:?}"
+                ),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        // The connection is kept and reused.
+        assert!(st.conn.is_some());
+        assert!(matches!(st.probe().await, Outcome::Pass(_)));
+        let mut b = PgState::new(&url, "select 1 > 2", Some("t"));
+        assert!(matches!(b.probe().await, Outcome::Fail(d) if d.contains("\"f\"")));
+        let mut t = PgState::new(&url, "select current_user", Some("dr_monitor"));
+        assert!(matches!(t.probe().await, Outcome::Pass(_)));
+        st.close().await;
+    }
 }
