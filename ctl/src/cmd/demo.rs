@@ -114,10 +114,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (dir, tmp) = match &args.dir {
         Some(d) => {
             std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
-            (
-                std::fs::canonicalize(d).with_context(|| format!("resolve {}", d.display()))?,
-                None,
-            )
+            let d = std::fs::canonicalize(d).with_context(|| format!("resolve {}", d.display()))?;
+            reuse_dir(&d)?;
+            (d, None)
         }
         None => {
             let t = tempfile::Builder::new()
@@ -210,6 +209,37 @@ async fn run_steps(demo: &mut Demo) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Marks a directory as made by `drctl demo`, so a later run may wipe its state.
+const MARKER: &str = ".drctl-demo";
+
+/// A `--dir` is either empty, or an earlier demo's (then its Raft data and logs are removed
+/// so the new cluster starts fresh on new ports). Anything else is refused: the demo never
+/// deletes files it did not create.
+fn reuse_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    let marker = dir.join(MARKER);
+    let mut entries = std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))?;
+    if std::fs::metadata(&marker).is_ok() {
+        for sub in ["data", "logs"] {
+            let p = dir.join(sub);
+            if std::fs::metadata(&p).is_ok() {
+                std::fs::remove_dir_all(&p)
+                    .with_context(|| format!("remove the previous demo's {}", p.display()))?;
+            }
+        }
+    } else if entries.next().is_some() {
+        return Err(crate::cmd::UsageError(format!(
+            "{} is not empty and was not made by `drctl demo`; pass an empty or new directory",
+            dir.display()
+        ))
+        .into());
+    }
+    std::fs::write(
+        &marker,
+        "made by drctl demo; its data/ and logs/ are wiped by the next run\n",
+    )
+    .with_context(|| format!("write {}", marker.display()))
+}
+
 /// A failed run keeps its temporary directory so the logs can be read.
 fn keep_dir_on_failure(demo: &mut Demo) {
     if let Some(t) = demo._tmp.take() {
@@ -222,4 +252,27 @@ fn keep_dir_on_failure(demo: &mut Demo) {
 
 pub fn secs(d: Duration) -> String {
     format!("{:.2}s", d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_empty_or_demo_dirs_are_used() {
+        let dir = tempfile::tempdir().unwrap();
+        reuse_dir(dir.path()).unwrap();
+        std::fs::create_dir_all(dir.path().join("data/coordinator-1")).unwrap();
+        reuse_dir(dir.path()).unwrap();
+        assert!(
+            std::fs::metadata(dir.path().join("data")).is_err(),
+            "previous state is wiped"
+        );
+
+        let other = tempfile::tempdir().unwrap();
+        std::fs::write(other.path().join("precious"), "x").unwrap();
+        let err = reuse_dir(other.path()).unwrap_err();
+        assert_eq!(crate::exit_code(&err), 2);
+        assert!(std::fs::metadata(other.path().join("precious")).is_ok());
+    }
 }
