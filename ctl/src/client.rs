@@ -50,8 +50,10 @@ pub struct Attempt {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    // The cause is in the message and deliberately not a `source`, so `{:#}` does not
+    // print it twice.
     #[error("load TLS credentials (--ca/--cert/--key or [tls] in the config file): {0}")]
-    TlsFiles(#[source] TlsError),
+    TlsFiles(TlsError),
     #[error("{}", unreachable_message(.attempts))]
     Unreachable { attempts: Vec<Attempt> },
     #[error(
