@@ -17,3 +17,6 @@ pub fn now_unix_ms() -> i64 {
         .unwrap_or_default();
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
+
+#[cfg(test)]
+mod t50_session;

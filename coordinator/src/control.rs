@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, error, info, info_span};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::Ctx;
 use crate::metrics::CheckStateLabels;
@@ -67,6 +67,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) -> anyhow::Result<()>
 
         // --- lead until deposed, a new term, shutdown, or a controller failing
         let mut failure = None;
+        let mut raft_stopped = false;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -76,13 +77,23 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) -> anyhow::Result<()>
                     }
                 }
                 Some(done) = tasks.join_next() => {
-                    let err = match done {
-                        Ok(Ok(())) => anyhow::anyhow!("a controller stopped while leading"),
-                        Ok(Err(e)) => e,
-                        Err(e) => anyhow::Error::from(e).context("controller panicked"),
-                    };
-                    error!(error = %format!("{err:#}"), "controller failed");
-                    failure = Some(err);
+                    if cancel.is_cancelled() {
+                        // Shutting down: controllers return as told.
+                        break;
+                    }
+                    match done {
+                        // Raft stopped under it (its watch closed): the server notices
+                        // and shuts down; stop here too rather than restart in a loop.
+                        Ok(Ok(())) => {
+                            warn!("a controller stopped while leading, raft is probably stopping");
+                            raft_stopped = true;
+                        }
+                        Ok(Err(e)) => failure = Some(e),
+                        Err(e) => failure = Some(anyhow::Error::from(e).context("controller panicked")),
+                    }
+                    if let Some(e) = &failure {
+                        error!(error = %format!("{e:#}"), "controller failed");
+                    }
                     break;
                 }
             }
@@ -105,7 +116,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) -> anyhow::Result<()>
         if let Some(e) = failure {
             return Err(e).context("leader controllers");
         }
-        if cancel.is_cancelled() {
+        if cancel.is_cancelled() || raft_stopped {
             return Ok(());
         }
     }
