@@ -467,6 +467,11 @@ impl TestCluster {
              election_timeout_max = \"3000ms\"\nsnapshot_every = {}\n",
             self.snapshot_every
         );
+        // A low snapshot_every is how a test asks for snapshot catch-up: keep few log
+        // entries behind the snapshot too, or a lagging member would catch up by log.
+        if self.snapshot_every < 1000 {
+            s += &format!("keep_logs = {}\n", (self.snapshot_every / 2).max(1));
+        }
         s += "\n[agents]\nheartbeat_interval = \"500ms\"\ndown_after = \"5s\"\ncommand_timeout = \"5m\"\n";
         std::fs::write(&c.config, s).with_context(|| format!("write {}", c.config.display()))
     }
