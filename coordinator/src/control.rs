@@ -7,7 +7,7 @@
 //! session is closed with a Redirect so agents follow the new leader.
 //!
 //! ```text
-//!   follower ──(elected)──► leading: failure_detector, dispatcher, expiry, gauges
+//!   follower ──(elected)──► leading: failure_detector, dispatcher, expiry, lease, gauges
 //!      ▲                        │
 //!      └──(deposed/term change)─┘  cancel loops, close sessions with Redirect
 //! ```
@@ -15,6 +15,7 @@
 pub mod dispatcher;
 pub mod expiry;
 pub mod failure_detector;
+pub mod lease;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,6 +63,11 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) -> anyhow::Result<()>
             expiry::Expiry::new(ctx.clone())
                 .run(leading.clone())
                 .instrument(info_span!("expiry", term)),
+        );
+        tasks.spawn(
+            lease::LeaseConfirmer::new(ctx.clone())
+                .run(leading.clone())
+                .instrument(info_span!("lease", term)),
         );
         tasks.spawn(gauges(ctx.clone(), leading.clone()).instrument(info_span!("gauges", term)));
 

@@ -323,15 +323,29 @@ impl Session {
             // Replaced by a newer session of the same host.
             return Err(SessionError::Gone);
         }
-        // Grant first: a slow commit below must not eat into the agent's lease.
-        let lease = self.ctx.config.agents.heartbeat_interval * 3;
-        self.send(CoordMsg::Lease(pb::LeaseGrant {
-            seq: hb.seq,
-            lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
-            epoch: 0,
-            db_cluster: String::new(),
-        }))
-        .await?;
+        // Grant first: a slow commit below must not eat into the agent's lease. Only a
+        // leader confirmed by a quorum very recently may renew (control::lease keeps the
+        // confirmation fresh); otherwise the agent's lease runs down, as it must.
+        let interval = self.ctx.config.agents.heartbeat_interval;
+        if self
+            .ctx
+            .registry
+            .leadership_confirmed_within(Instant::now(), interval)
+        {
+            let lease = interval * 3;
+            self.send(CoordMsg::Lease(pb::LeaseGrant {
+                seq: hb.seq,
+                lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
+                epoch: 0,
+                db_cluster: String::new(),
+            }))
+            .await?;
+        } else {
+            debug!(
+                seq = hb.seq,
+                "leadership not confirmed recently, lease not renewed"
+            );
+        }
 
         let (up, changes) = self.ctx.node.read(|s| match s.host(&self.host_id) {
             None => (false, Vec::new()),
