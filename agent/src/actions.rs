@@ -157,6 +157,12 @@ impl Registry {
     }
 }
 
+/// Registers the security-response verbs (DRP scenario 3): `isolate`, `unisolate`
+/// ([`crate::isolate`]).
+pub fn register_security(reg: &mut Registry, config: &Arc<Config>) {
+    crate::isolate::register(reg, config.clone(), crate::isolate::Nft::system());
+}
+
 /// Dispatches actions to their handlers.
 #[derive(Clone)]
 pub struct Actions {

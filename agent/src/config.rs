@@ -38,6 +38,8 @@ pub mod defaults {
     pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
     pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
     pub const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+    pub const INTEGRITY_INTERVAL: Duration = Duration::from_secs(300);
+    pub const INTEGRITY_HIGH_INTERVAL: Duration = Duration::from_secs(10);
 }
 
 /// Why a configuration was refused. The Display form is one line meant for the operator.
@@ -87,6 +89,100 @@ pub struct Config {
     /// so the two can evolve apart; BACKUP: turn this into your typed section when it lands
     /// (and keep `deny_unknown_fields` there too).
     pub backup: Option<toml::Table>,
+    /// `[isolation]`: extra flows kept open while the host is isolated (`crate::isolate`).
+    pub isolation: IsolationSpec,
+    /// `[rotation]`: credentials `rotate-credentials` may replace (`crate::rotate`).
+    pub rotation: RotationSpec,
+    /// `[integrity]`: files watched for changes (`crate::integrity`).
+    pub integrity: IntegritySpec,
+}
+
+/// `[isolation]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IsolationSpec {
+    /// Management sources that stay reachable while isolated (`10.0.0.5/32:22`).
+    pub allow: Vec<crate::isolate::AllowRule>,
+}
+
+/// `[rotation]`. `db_admin_url` may carry a password: never log it, use [`redact_url`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationSpec {
+    pub db_admin_url: Option<String>,
+    /// Where the old/new passwords are tried (host, port, database; user and password are
+    /// replaced). Default: the admin URL. Must reach a password-checking `pg_hba` line.
+    pub db_check_url: Option<String>,
+    /// Terminate the rotated roles' open sessions (an attacker's connection outlives a new
+    /// password otherwise). Default true.
+    pub terminate_sessions: bool,
+    /// Per reload command and per database step.
+    pub timeout: Duration,
+    /// `scope=db`: PostgreSQL roles.
+    pub roles: Vec<RotationTarget>,
+    /// `scope=app`: application secrets that live only in files.
+    pub app_secrets: Vec<RotationTarget>,
+}
+
+impl Default for RotationSpec {
+    fn default() -> Self {
+        Self {
+            db_admin_url: None,
+            db_check_url: None,
+            terminate_sessions: true,
+            timeout: defaults::COMMAND_TIMEOUT,
+            roles: Vec::new(),
+            app_secrets: Vec::new(),
+        }
+    }
+}
+
+/// One secret to rotate: a PostgreSQL role (`name` is the role) or an application secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationTarget {
+    pub name: String,
+    pub files: Vec<SecretFile>,
+    pub reload: Vec<Reload>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretFile {
+    pub path: PathBuf,
+    pub format: SecretFormat,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretFormat {
+    /// The file holds only the secret (a trailing newline is kept if there was one).
+    Plain,
+    /// `KEY=value` lines; only `key`'s line changes.
+    Env { key: String },
+}
+
+/// How a consumer of a rotated secret picks it up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reload {
+    /// `systemctl reload UNIT`.
+    Unit(String),
+    Command(Vec<String>),
+}
+
+/// `[integrity]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntegritySpec {
+    pub paths: Vec<PathBuf>,
+    /// Re-hash interval at `level=normal`.
+    pub interval: Duration,
+    /// Re-hash interval at `level=high`.
+    pub high_interval: Duration,
+}
+
+impl Default for IntegritySpec {
+    fn default() -> Self {
+        Self {
+            paths: Vec::new(),
+            interval: defaults::INTEGRITY_INTERVAL,
+            high_interval: defaults::INTEGRITY_HIGH_INTERVAL,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -293,6 +389,66 @@ struct RawConfig {
     actions: Vec<RawAction>,
     #[serde(default)]
     backup: Option<toml::Table>,
+    #[serde(default)]
+    isolation: Option<RawIsolation>,
+    #[serde(default)]
+    rotation: Option<RawRotation>,
+    #[serde(default)]
+    integrity: Option<RawIntegrity>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIsolation {
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRotation {
+    db_admin_url: Option<Spanned<String>>,
+    db_check_url: Option<Spanned<String>>,
+    terminate_sessions: Option<bool>,
+    timeout: Option<HumanDuration>,
+    #[serde(default)]
+    roles: Vec<RawRotationTarget>,
+    #[serde(default)]
+    app_secrets: Vec<RawRotationTarget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRotationTarget {
+    name: Spanned<String>,
+    #[serde(default)]
+    files: Vec<Spanned<RawSecretFile>>,
+    #[serde(default)]
+    reload: Vec<Spanned<RawReload>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecretFile {
+    path: PathBuf,
+    format: Option<String>,
+    key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReload {
+    unit: Option<String>,
+    command: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIntegrity {
+    #[serde(default)]
+    paths: Vec<PathBuf>,
+    interval: Option<Spanned<HumanDuration>>,
+    high_interval: Option<Spanned<HumanDuration>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -512,6 +668,9 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path, path: &Path) -> ConfigRe
         smoke_tests,
         actions,
         backup,
+        isolation,
+        rotation,
+        integrity,
     } = raw;
 
     if *version.get_ref() != CONFIG_VERSION {
@@ -733,6 +892,177 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path, path: &Path) -> ConfigRe
         smoke_tests: smoke_specs,
         actions: action_specs,
         backup,
+        isolation: validate_isolation(isolation, ctx)?,
+        rotation: validate_rotation(rotation, ctx, base)?,
+        integrity: validate_integrity(integrity, ctx, base)?,
+    })
+}
+
+fn validate_isolation(raw: Option<RawIsolation>, ctx: &Ctx<'_>) -> ConfigResult<IsolationSpec> {
+    let Some(RawIsolation { allow }) = raw else {
+        return Ok(IsolationSpec::default());
+    };
+    let allow = allow
+        .into_iter()
+        .map(|a| {
+            crate::isolate::AllowRule::parse(a.get_ref())
+                .map_err(|e| ctx.at(a.span(), format!("invalid value for `allow`: {e}")))
+        })
+        .collect::<ConfigResult<_>>()?;
+    Ok(IsolationSpec { allow })
+}
+
+fn validate_rotation(
+    raw: Option<RawRotation>,
+    ctx: &Ctx<'_>,
+    base: &Path,
+) -> ConfigResult<RotationSpec> {
+    let Some(RawRotation {
+        db_admin_url,
+        db_check_url,
+        terminate_sessions,
+        timeout,
+        roles,
+        app_secrets,
+    }) = raw
+    else {
+        return Ok(RotationSpec::default());
+    };
+    let pg_url = |u: Option<Spanned<String>>, key: &str| -> ConfigResult<Option<String>> {
+        match u {
+            Some(u)
+                if !(u.get_ref().starts_with("postgres://")
+                    || u.get_ref().starts_with("postgresql://")) =>
+            {
+                Err(ctx.at(
+                    u.span(),
+                    format!("invalid value for `{key}`: expected a postgres:// URL"),
+                ))
+            }
+            u => Ok(u.map(Spanned::into_inner)),
+        }
+    };
+    let db_admin_url = pg_url(db_admin_url, "db_admin_url")?;
+    let db_check_url = pg_url(db_check_url, "db_check_url")?;
+    let targets = |list: Vec<RawRotationTarget>, what: &str| -> ConfigResult<Vec<RotationTarget>> {
+        let mut out: Vec<RotationTarget> = Vec::with_capacity(list.len());
+        for RawRotationTarget {
+            name,
+            files,
+            reload,
+        } in list
+        {
+            if name.get_ref().is_empty() || out.iter().any(|t| &t.name == name.get_ref()) {
+                return Err(ctx.at(
+                    name.span(),
+                    format!("invalid value for `name`: empty or duplicate {what} name"),
+                ));
+            }
+            let mut secret_files = Vec::with_capacity(files.len());
+            for f in files {
+                let span = f.span();
+                let RawSecretFile { path, format, key } = f.into_inner();
+                let format = match (format.as_deref(), key) {
+                    (None | Some("plain"), None) => SecretFormat::Plain,
+                    (Some("env"), Some(key))
+                        if !key.is_empty() && !key.contains(['=', '\n', ' ']) =>
+                    {
+                        SecretFormat::Env { key }
+                    }
+                    _ => {
+                        return Err(ctx.at(
+                            span,
+                            "invalid secret file: use format = \"plain\" (no key) or format = \"env\" with key = \"NAME\"",
+                        ));
+                    }
+                };
+                secret_files.push(SecretFile {
+                    path: resolve(base, path),
+                    format,
+                });
+            }
+            let mut reloads = Vec::with_capacity(reload.len());
+            for r in reload {
+                let span = r.span();
+                reloads.push(match r.into_inner() {
+                    RawReload {
+                        unit: Some(u),
+                        command: None,
+                    } if !u.is_empty() => Reload::Unit(u),
+                    RawReload {
+                        unit: None,
+                        command: Some(c),
+                    } => Reload::Command(non_empty_cmd(
+                        ctx,
+                        span,
+                        name.get_ref(),
+                        "reload",
+                        resolve_command(base, c),
+                    )?),
+                    _ => {
+                        return Err(ctx.at(
+                            span,
+                            "invalid reload: give either unit = \"x.service\" or command = [...]",
+                        ));
+                    }
+                });
+            }
+            out.push(RotationTarget {
+                name: name.into_inner(),
+                files: secret_files,
+                reload: reloads,
+            });
+        }
+        Ok(out)
+    };
+    let roles = targets(roles, "role")?;
+    let app_secrets = targets(app_secrets, "app secret")?;
+    if !roles.is_empty() && db_admin_url.is_none() {
+        return Err(ctx.file_err(
+            "[rotation]: `roles` need `db_admin_url` (a role allowed to ALTER ROLE)".into(),
+        ));
+    }
+    Ok(RotationSpec {
+        db_admin_url,
+        db_check_url,
+        terminate_sessions: terminate_sessions.unwrap_or(true),
+        timeout: timeout.map_or(defaults::COMMAND_TIMEOUT, |d| d.0),
+        roles,
+        app_secrets,
+    })
+}
+
+fn validate_integrity(
+    raw: Option<RawIntegrity>,
+    ctx: &Ctx<'_>,
+    base: &Path,
+) -> ConfigResult<IntegritySpec> {
+    let Some(RawIntegrity {
+        paths,
+        interval,
+        high_interval,
+    }) = raw
+    else {
+        return Ok(IntegritySpec::default());
+    };
+    let positive = |d: Option<Spanned<HumanDuration>>, key: &str, default: Duration| match d {
+        Some(d) if d.get_ref().0.is_zero() => Err(ctx.at(
+            d.span(),
+            format!("invalid value for `{key}`: must be above zero"),
+        )),
+        Some(d) => Ok(d.into_inner().0),
+        None => Ok(default),
+    };
+    let interval = positive(interval, "interval", defaults::INTEGRITY_INTERVAL)?;
+    let high_interval = positive(
+        high_interval,
+        "high_interval",
+        defaults::INTEGRITY_HIGH_INTERVAL.min(interval),
+    )?;
+    Ok(IntegritySpec {
+        paths: paths.into_iter().map(|p| resolve(base, p)).collect(),
+        interval,
+        high_interval,
     })
 }
 

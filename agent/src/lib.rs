@@ -26,7 +26,9 @@ pub mod backup;
 pub mod config;
 pub mod exec;
 pub mod health;
+pub mod isolate;
 pub mod metrics;
+pub mod rotate;
 pub mod session;
 
 pub use config::Config;
@@ -55,7 +57,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let health = health::Health::new(&config.checks, metrics.clone());
     // Generic verbs: BACKUP registers `backup`, `wal-status`, ... here.
-    let registry = actions::Registry::default();
+    let mut registry = actions::Registry::default();
+    actions::register_security(&mut registry, &config);
     let actions = actions::Actions::new(config.clone(), health.clone(), registry);
     let (executor, outbox) = exec::Executor::open(
         &config.data_dir,
