@@ -20,3 +20,5 @@ pub fn now_unix_ms() -> i64 {
 
 #[cfg(test)]
 mod t50_session;
+#[cfg(test)]
+mod t51_leader_change;

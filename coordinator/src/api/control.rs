@@ -33,6 +33,8 @@ use crate::state::{
 
 /// Default page size of ListCommands.
 const LIST_COMMANDS_DEFAULT: usize = 100;
+/// How long a handler waits for its own write to be applied on this node.
+const APPLY_WAIT: Duration = Duration::from_secs(5);
 /// How long a waiting RunAction keeps streaming after the commands' deadline, so the
 /// expiry (committed by the leader's expiry loop) can still be reported.
 const WAIT_GRACE: Duration = Duration::from_secs(3);
@@ -53,7 +55,23 @@ impl ControlApi {
             origin: origin.to_string(),
             cmd,
         };
-        Ok(self.ctx.node.write(req).await?)
+        let (index, resp) = self.ctx.node.write(req).await?;
+        self.wait_applied(index).await;
+        Ok((index, resp))
+    }
+
+    /// Waits until this node applied `index`, so a read right after our own write sees it
+    /// (a follower applies after the leader answered). Bounded: on timeout the caller
+    /// reads what is there.
+    async fn wait_applied(&self, index: u64) {
+        let mut applied = self.ctx.node.applied();
+        let waited = tokio::time::timeout(APPLY_WAIT, applied.wait_for(|a| *a >= index)).await;
+        if waited.is_err() {
+            debug!(
+                index,
+                "own write not applied here yet, answering from current state"
+            );
+        }
     }
 
     /// Live view of hosts, only on the leader (a follower's registry is empty or stale).
