@@ -75,6 +75,17 @@ impl Agent {
             .unwrap();
     }
 
+    /// The next Command, skipping leases (and cancels of earlier commands).
+    async fn next_command(&mut self) -> pb::Command {
+        loop {
+            match self.recv().await.unwrap() {
+                CMsg::Command(c) => return c,
+                CMsg::Lease(_) | CMsg::Cancel(_) => {}
+                other => panic!("expected command, got {other:?}"),
+            }
+        }
+    }
+
     async fn recv(&mut self) -> Result<CMsg, tonic::Status> {
         let m = tokio::time::timeout(Duration::from_secs(10), self.rx.message())
             .await
@@ -396,6 +407,72 @@ command_timeout = "30s"
             .into_inner();
         assert_eq!(cmds.commands.len(), 1);
         assert_eq!(cmds.commands[0].state, "done");
+    }
+
+    info!("--- cancel reaches the agent; a second cancel reports the final state");
+    {
+        let mut events = operator
+            .clone()
+            .run_action(run("r2", false))
+            .await
+            .unwrap()
+            .into_inner();
+        while events.message().await.unwrap().is_some() {}
+        let key = agent.next_command().await.key;
+        assert_eq!(key, "r2-db-1");
+        let cancel = pb::CancelActionRequest {
+            key: key.clone(),
+            reason: "changed my mind".into(),
+        };
+        let r = operator
+            .clone()
+            .cancel_action(cancel.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((r.cancelled, r.state.as_str()), (true, "cancelled"));
+        loop {
+            match agent.recv().await.unwrap() {
+                CMsg::Cancel(c) => {
+                    assert_eq!(
+                        (c.key.as_str(), c.reason.as_str()),
+                        ("r2-db-1", "changed my mind")
+                    );
+                    break;
+                }
+                CMsg::Lease(_) => {}
+                other => panic!("expected cancel, got {other:?}"),
+            }
+        }
+        let r = operator
+            .clone()
+            .cancel_action(cancel)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((r.cancelled, r.state.as_str()), (false, "cancelled"));
+    }
+
+    info!("--- an ignored command expires and the waiting caller hears it");
+    {
+        let mut req = run("r3", true);
+        req.timeout_ms = 300;
+        let mut events = operator.clone().run_action(req).await.unwrap().into_inner();
+        let mut last = None;
+        while let Some(ev) = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            last = ev.event;
+        }
+        match last {
+            Some(pb::action_event::Event::Result(r)) => {
+                assert!(!r.success);
+                assert!(r.message.starts_with("expired"), "{r:?}");
+            }
+            other => panic!("expected an expiry result, got {other:?}"),
+        }
     }
 
     info!("--- the agent goes away: the failure detector commits it down");

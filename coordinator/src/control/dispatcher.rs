@@ -65,7 +65,7 @@ impl Dispatcher {
                     .filter_map(|(k, h)| {
                         let c = s.commands.get(k)?;
                         matches!(c.state, CommandState::Cancelled | CommandState::Expired)
-                            .then(|| (k.clone(), h.clone(), format!("{}: {}", c.state, c.reason)))
+                            .then(|| (k.clone(), h.clone(), c.reason.clone()))
                     })
                     .collect();
                 (new, now_open, closed)
