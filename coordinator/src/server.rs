@@ -273,7 +273,7 @@ node_id = 1
 region = "beijing"
 listen = "127.0.0.1:{grpc_port}"
 metrics_listen = "127.0.0.1:{metrics_port}"
-data_dir = "data"
+data_dir = "{data}"
 [tls]
 ca = "{ca}"
 cert = "{cert}"
@@ -282,6 +282,7 @@ key = "{key}"
             ca = paths.ca.display(),
             cert = paths.cert.display(),
             key = paths.key.display(),
+            data = dir.path().join("data").display(),
         );
         let config =
             Config::from_toml_str(&text, &dir.path().join("c.toml").display().to_string()).unwrap();

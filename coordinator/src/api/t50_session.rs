@@ -113,7 +113,7 @@ version = 1
 node_id = 1
 region = "beijing"
 listen = "127.0.0.1:{port}"
-data_dir = "data"
+data_dir = "{data}"
 [tls]
 ca = "{ca}"
 cert = "{cert}"
@@ -126,6 +126,7 @@ command_timeout = "30s"
         ca = paths.ca.display(),
         cert = paths.cert.display(),
         key = paths.key.display(),
+        data = dir.path().join("data").display(),
     );
     let config =
         Config::from_toml_str(&text, &dir.path().join("c.toml").display().to_string()).unwrap();
