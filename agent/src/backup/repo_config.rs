@@ -191,8 +191,10 @@ impl RepoConfig {
         let abs = std::path::absolute(path)
             .map_err(|e| BackupError::io(format!("resolve {}", path.display()), e))?;
         let base = abs.parent().map(Path::to_path_buf).unwrap_or_default();
-        let mut cfg = Self::parse(&text, &base, env)
-            .map_err(|e| BackupError::Config(format!("{}: {e}", path.display())))?;
+        let mut cfg = Self::parse(&text, &base, env).map_err(|e| match e {
+            BackupError::Config(m) => BackupError::Config(format!("{}: {m}", path.display())),
+            other => other,
+        })?;
         cfg.source = Some(abs);
         Ok(cfg)
     }
