@@ -47,7 +47,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 
 use serde::{Deserialize, Serialize};
-use tracing::{Instrument as _, error, info_span};
+use tracing::error;
 
 pub use dns::{DnsConfig, DnsProvider, TsigAlgorithmName, TsigConfig};
 pub use error::{TrafficError, TrafficResult};
@@ -266,9 +266,8 @@ impl TrafficProviders {
     ) -> Vec<ProviderOutcome<Applied>> {
         let mut out = Vec::new();
         for p in self.providers.iter().filter(|p| only.is_none_or(|n| n == p.name())) {
-            let span = info_span!("traffic_apply", provider = p.name());
-            let res = p.apply(plan).instrument(span).await;
-            out.push(outcome(p.name(), res));
+            // Each provider opens its own `traffic_apply` span.
+            out.push(outcome(p.name(), p.apply(plan).await));
         }
         out
     }

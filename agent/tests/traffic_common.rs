@@ -118,8 +118,9 @@ pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "dr_agent=debug".into()),
+                .unwrap_or_else(|_| "info,dr_agent=debug".into()),
         )
         .with_test_writer()
+        .with_ansi(false)
         .try_init();
 }

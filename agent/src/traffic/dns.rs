@@ -294,8 +294,8 @@ impl DnsProvider {
             .collect()
     }
 
-    #[instrument(skip_all, fields(provider = %self.name, kind = KIND, record = %self.record, digest = %plan.digest()))]
-    async fn apply_plan(&self, plan: &TrafficPlan) -> TrafficResult<Applied> {
+    #[instrument(name = "traffic_apply", skip_all, fields(provider = %self.name, kind = KIND, record = %self.record, digest = %plan.digest()))]
+    pub(super) async fn apply_plan(&self, plan: &TrafficPlan) -> TrafficResult<Applied> {
         let desired = self.desired(plan)?;
         let mut last = self.last_applied.lock().await;
         let mut notes = Vec::new();
@@ -365,8 +365,8 @@ impl DnsProvider {
         Ok(applied(true, changes, notes))
     }
 
-    #[instrument(skip_all, fields(provider = %self.name, kind = KIND))]
-    async fn read_state(&self) -> TrafficResult<TrafficState> {
+    #[instrument(name = "traffic_status", skip_all, fields(provider = %self.name, kind = KIND))]
+    pub(super) async fn read_state(&self) -> TrafficResult<TrafficState> {
         let (ips, _) = self.read().await?;
         Ok(TrafficState {
             provider: self.name.clone(),

@@ -127,8 +127,8 @@ impl ExecProvider {
         env
     }
 
-    #[instrument(skip_all, fields(provider = %self.cfg.name, kind = KIND, program = %self.cfg.program.display(), digest = %plan.digest()))]
-    async fn apply_plan(&self, plan: &TrafficPlan) -> TrafficResult<Applied> {
+    #[instrument(name = "traffic_apply", skip_all, fields(provider = %self.cfg.name, kind = KIND, program = %self.cfg.program.display(), digest = %plan.digest()))]
+    pub(super) async fn apply_plan(&self, plan: &TrafficPlan) -> TrafficResult<Applied> {
         let digest = plan.digest();
         let mut last = self.last_applied.lock().await;
         let applied = |changed, changes| Applied {
@@ -211,7 +211,7 @@ impl ExecProvider {
         ))
     }
 
-    async fn read_state(&self) -> TrafficResult<TrafficState> {
+    pub(super) async fn read_state(&self) -> TrafficResult<TrafficState> {
         Ok(TrafficState {
             provider: self.cfg.name.clone(),
             kind: KIND.to_owned(),

@@ -278,8 +278,8 @@ impl NginxProvider {
         }
     }
 
-    #[instrument(skip_all, fields(provider = %self.cfg.name, kind = KIND, file = %self.cfg.upstream_file.display(), digest = %plan.digest()))]
-    async fn apply_plan(&self, plan: &TrafficPlan) -> TrafficResult<Applied> {
+    #[instrument(name = "traffic_apply", skip_all, fields(provider = %self.cfg.name, kind = KIND, file = %self.cfg.upstream_file.display(), digest = %plan.digest()))]
+    pub(super) async fn apply_plan(&self, plan: &TrafficPlan) -> TrafficResult<Applied> {
         let mut last = self.last_applied.lock().await;
         let rendered = self.render(plan);
         let previous = self.read_file().await?;
@@ -323,8 +323,8 @@ impl NginxProvider {
         Ok(applied(true, changes))
     }
 
-    #[instrument(skip_all, fields(provider = %self.cfg.name, kind = KIND))]
-    async fn read_state(&self) -> TrafficResult<TrafficState> {
+    #[instrument(name = "traffic_status", skip_all, fields(provider = %self.cfg.name, kind = KIND))]
+    pub(super) async fn read_state(&self) -> TrafficResult<TrafficState> {
         let endpoints = self
             .read_file()
             .await?

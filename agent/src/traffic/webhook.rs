@@ -171,8 +171,8 @@ impl WebhookProvider {
         u.to_string()
     }
 
-    #[instrument(skip_all, fields(provider = %self.name, kind = KIND, url = %self.url_for_logs(), digest = %plan.digest()))]
-    async fn apply_plan(&self, plan: &TrafficPlan) -> TrafficResult<Applied> {
+    #[instrument(name = "traffic_apply", skip_all, fields(provider = %self.name, kind = KIND, url = %self.url_for_logs(), digest = %plan.digest()))]
+    pub(super) async fn apply_plan(&self, plan: &TrafficPlan) -> TrafficResult<Applied> {
         let digest = plan.digest();
         let mut last = self.last_applied.lock().await;
         let applied = |changed, changes| Applied {
@@ -249,7 +249,7 @@ impl WebhookProvider {
         }
     }
 
-    async fn read_state(&self) -> TrafficResult<TrafficState> {
+    pub(super) async fn read_state(&self) -> TrafficResult<TrafficState> {
         Ok(TrafficState {
             provider: self.name.clone(),
             kind: KIND.to_owned(),
