@@ -170,10 +170,7 @@ pub enum AnyTrafficProvider {
 impl AnyTrafficProvider {
     /// Builds a provider; reads its secret now, so a missing key fails at startup, not during
     /// the failover. `env` is the process environment as a map.
-    pub fn from_config(
-        cfg: TrafficConfig,
-        env: &BTreeMap<String, String>,
-    ) -> TrafficResult<Self> {
+    pub fn from_config(cfg: TrafficConfig, env: &BTreeMap<String, String>) -> TrafficResult<Self> {
         Ok(match cfg {
             TrafficConfig::Dns(c) => Self::Dns(DnsProvider::from_config(c, env)?),
             TrafficConfig::Nginx(c) => Self::Nginx(NginxProvider::from_config(c)?),
@@ -265,7 +262,11 @@ impl TrafficProviders {
         only: Option<&str>,
     ) -> Vec<ProviderOutcome<Applied>> {
         let mut out = Vec::new();
-        for p in self.providers.iter().filter(|p| only.is_none_or(|n| n == p.name())) {
+        for p in self
+            .providers
+            .iter()
+            .filter(|p| only.is_none_or(|n| n == p.name()))
+        {
             // Each provider opens its own `traffic_apply` span.
             out.push(outcome(p.name(), p.apply(plan).await));
         }
@@ -347,7 +348,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            cfg.traffic.iter().map(TrafficConfig::name).collect::<Vec<_>>(),
+            cfg.traffic
+                .iter()
+                .map(TrafficConfig::name)
+                .collect::<Vec<_>>(),
             vec!["app-dns", "lb", "cdn", "gateway"]
         );
         let TrafficConfig::Dns(dns) = &cfg.traffic[0] else {

@@ -2,7 +2,7 @@
 //! a guard that stops a child process by PID, polling, and plan builders.
 //!
 //! Built as its own (empty) test target too, hence the `dead_code` allowance.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::let_underscore_must_use)]
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -1,5 +1,7 @@
 //! The `dns` provider against a real BIND 9 (`named`) on 127.0.0.1: TSIG-signed RFC 2136 updates
 //! switch `app.yeslocker.test` from beijing to shanghai, `dig` sees it, a wrong key is refused.
+// Test helpers (outside #[test] fns) may unwrap and ignore best-effort cleanup results.
+#![allow(clippy::unwrap_used, clippy::let_underscore_must_use)]
 
 #[path = "traffic_common.rs"]
 mod common;
@@ -72,11 +74,7 @@ zone "yeslocker.test" {{
             .stdout(out.try_clone().unwrap())
             .stderr(out),
     );
-    Named {
-        guard,
-        port,
-        log,
-    }
+    Named { guard, port, log }
 }
 
 fn provider(port: u16, secret: SecretSource, env: &BTreeMap<String, String>) -> DnsProvider {
@@ -168,7 +166,11 @@ async fn t10_dns_update_switches_record_and_wrong_key_is_refused() {
         assert_eq!(dig(port, "A"), vec!["127.0.0.20"]);
         assert_eq!(dig(port, "AAAA"), vec!["fd00::20"]);
         let state = dns.current().await.unwrap();
-        let eps: Vec<String> = state.endpoints.iter().map(|e| e.endpoint.to_string()).collect();
+        let eps: Vec<String> = state
+            .endpoints
+            .iter()
+            .map(|e| e.endpoint.to_string())
+            .collect();
         assert_eq!(eps, vec!["127.0.0.20", "fd00::20"]);
         assert_eq!(state.last_applied, Some(shanghai.digest()));
     }
@@ -191,7 +193,10 @@ async fn t10_dns_update_switches_record_and_wrong_key_is_refused() {
         info!(%msg, "refused as expected");
         assert!(msg.contains("rejected TSIG key \"dr-agent\""), "{msg}");
         assert!(msg.contains("BADSIG"), "{msg}");
-        assert!(!msg.contains(WRONG_B64) && !msg.contains(SECRET_B64), "{msg}");
+        assert!(
+            !msg.contains(WRONG_B64) && !msg.contains(SECRET_B64),
+            "{msg}"
+        );
         assert!(err.is_permanent());
         assert_eq!(dig(port, "A"), vec!["127.0.0.20"]);
     }
@@ -202,7 +207,10 @@ async fn t10_dns_update_switches_record_and_wrong_key_is_refused() {
         let applied = dns.apply(&canary).await.unwrap();
         assert!(applied.changed);
         assert!(
-            applied.notes.iter().any(|n| n.contains("dns has no weights")),
+            applied
+                .notes
+                .iter()
+                .any(|n| n.contains("dns has no weights")),
             "{:?}",
             applied.notes
         );
@@ -213,7 +221,9 @@ async fn t10_dns_update_switches_record_and_wrong_key_is_refused() {
     info!("--- a hostname endpoint does not fit an A record");
     {
         let bad = plan(&["db.beijing"], &["127.0.0.20"], 0);
-        let bad = bad.enable_traffic(&common::region("beijing"), dr_agent::traffic::Percent::FULL).unwrap();
+        let bad = bad
+            .enable_traffic(&common::region("beijing"), dr_agent::traffic::Percent::FULL)
+            .unwrap();
         let err = dns.apply(&bad).await.unwrap_err();
         assert!(err.to_string().contains("not an IP address"), "{err}");
     }

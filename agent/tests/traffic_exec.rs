@@ -1,5 +1,7 @@
 //! The `exec` provider with real `/bin/sh` scripts: plan on stdin and in the environment,
 //! non-zero exit reported with stderr's tail, timeouts kill the whole process group.
+// Test helpers (outside #[test] fns) may unwrap and ignore best-effort cleanup results.
+#![allow(clippy::unwrap_used, clippy::let_underscore_must_use)]
 
 #[path = "traffic_common.rs"]
 mod common;
@@ -107,9 +109,11 @@ async fn t10_exec_hook_gets_plan_and_reports_failures() {
             .trim()
             .parse()
             .unwrap();
-        wait_until("the hook's background child to die", Duration::from_secs(10), || async {
-            process_gone(bg).then_some(())
-        })
+        wait_until(
+            "the hook's background child to die",
+            Duration::from_secs(10),
+            || async { process_gone(bg).then_some(()) },
+        )
         .await;
     }
 

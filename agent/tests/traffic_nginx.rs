@@ -1,6 +1,8 @@
 //! The `nginx` provider against a real nginx on 127.0.0.1 with two tiny backends answering
 //! "beijing" and "shanghai": the switch moves requests, a rejected file is rolled back while
 //! nginx keeps serving, re-applying is a no-op.
+// Test helpers (outside #[test] fns) may unwrap and ignore best-effort cleanup results.
+#![allow(clippy::unwrap_used, clippy::let_underscore_must_use)]
 
 #[path = "traffic_common.rs"]
 mod common;
@@ -117,9 +119,11 @@ async fn get(client: &reqwest::Client, port: u16) -> Option<String> {
 /// Waits until `want` answers, then checks that the next requests all come from it too (nginx
 /// reloads asynchronously: old workers drain first).
 async fn wait_served_by(client: &reqwest::Client, port: u16, want: &str) {
-    wait_until(&format!("nginx to serve {want}"), Duration::from_secs(20), || async {
-        (get(client, port).await.as_deref() == Some(want)).then_some(())
-    })
+    wait_until(
+        &format!("nginx to serve {want}"),
+        Duration::from_secs(20),
+        || async { (get(client, port).await.as_deref() == Some(want)).then_some(()) },
+    )
     .await;
     for _ in 0..10 {
         assert_eq!(get(client, port).await.as_deref(), Some(want));
@@ -201,7 +205,10 @@ async fn t10_nginx_switches_upstream_and_rolls_back_bad_files() {
         );
         wait_served_by(&client, port, "shanghai").await;
         let text = std::fs::read_to_string(&upstream).unwrap();
-        assert!(text.contains(&format!("server {} down;", bj.addr)), "{text}");
+        assert!(
+            text.contains(&format!("server {} down;", bj.addr)),
+            "{text}"
+        );
         let state = lb.current().await.unwrap();
         assert_eq!(state.last_applied, Some(shanghai.digest()));
         assert_eq!(

@@ -1,5 +1,7 @@
 //! The `webhook` provider against local hyper servers (http, and https with a test CA over
 //! rustls+ring): signed delivery, bounded retries, permanent 4xx, idempotent re-apply.
+// Test helpers (outside #[test] fns) may unwrap and ignore best-effort cleanup results.
+#![allow(clippy::unwrap_used, clippy::let_underscore_must_use)]
 
 #[path = "traffic_common.rs"]
 mod common;
@@ -140,7 +142,9 @@ async fn t10_webhook_delivers_signed_plan_with_retries() {
         rx.script(&[(503, "busy")]);
         let applied = hook.apply(&shanghai).await.unwrap();
         assert!(applied.changed);
-        assert!(matches!(applied.changes.as_slice(), [Change::Delivered { target }] if !target.contains("t0ps3cret")));
+        assert!(
+            matches!(applied.changes.as_slice(), [Change::Delivered { target }] if !target.contains("t0ps3cret"))
+        );
         let seen = rx.seen();
         assert_eq!(seen.len(), 2);
         let last = &seen[1];
@@ -169,7 +173,17 @@ async fn t10_webhook_delivers_signed_plan_with_retries() {
         rx.script(&[(400, "unknown region beijing")]);
         let beijing = plan(&["10.1.0.5"], &["10.2.0.5"], 100);
         let err = hook.apply(&beijing).await.unwrap_err();
-        assert!(matches!(err, TrafficError::WebhookStatus { status: 400, attempts: 1, .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                TrafficError::WebhookStatus {
+                    status: 400,
+                    attempts: 1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         assert!(err.is_permanent());
         let msg = err.to_string();
         assert!(msg.contains("unknown region beijing"), "{msg}");
@@ -180,9 +194,18 @@ async fn t10_webhook_delivers_signed_plan_with_retries() {
     info!("--- nobody listening: bounded retries, then a transport error");
     {
         let port = free_port();
-        let dead = provider("dead", format!("http://127.0.0.1:{port}/?token=t0ps3cret"), &secret_file, None, 2);
+        let dead = provider(
+            "dead",
+            format!("http://127.0.0.1:{port}/?token=t0ps3cret"),
+            &secret_file,
+            None,
+            2,
+        );
         let err = dead.apply(&shanghai).await.unwrap_err();
-        assert!(matches!(err, TrafficError::WebhookTransport { attempts: 2, .. }), "{err:?}");
+        assert!(
+            matches!(err, TrafficError::WebhookTransport { attempts: 2, .. }),
+            "{err:?}"
+        );
         assert!(!err.to_string().contains("t0ps3cret"), "{err}");
         assert!(!err.to_string().contains("wh-secret"), "{err}");
     }
@@ -234,7 +257,10 @@ async fn t20_webhook_over_https_with_private_ca() {
     {
         let hook = provider("cdn", url.clone(), &secret_file, None, 1);
         let err = hook.apply(&shanghai).await.unwrap_err();
-        assert!(matches!(err, TrafficError::WebhookTransport { .. }), "{err:?}");
+        assert!(
+            matches!(err, TrafficError::WebhookTransport { .. }),
+            "{err:?}"
+        );
         assert!(rx.seen().is_empty());
     }
 

@@ -153,8 +153,13 @@ impl DnsProvider {
         let key = fqdn(&key_name, "tsig key_name")?;
         let secret = secret.load(&name, env, SecretFormat::TsigBase64)?;
         let TsigAlgorithmName::HmacSha256 = algorithm;
-        let signer = TSigner::new(secret.expose().to_vec(), TsigAlgorithm::HmacSha256, key, 300)
-            .map_err(|e| bad(format!("tsig: {e}")))?;
+        let signer = TSigner::new(
+            secret.expose().to_vec(),
+            TsigAlgorithm::HmacSha256,
+            key,
+            300,
+        )
+        .map_err(|e| bad(format!("tsig: {e}")))?;
         Ok(Self {
             name,
             server,
@@ -360,7 +365,10 @@ impl DnsProvider {
                 found: after.iter().map(ToString::to_string).collect(),
             });
         }
-        info!(changes = changes.len(), "dns record set updated and verified");
+        info!(
+            changes = changes.len(),
+            "dns record set updated and verified"
+        );
         *last = Some(plan.digest());
         Ok(applied(true, changes, notes))
     }

@@ -106,13 +106,17 @@ impl NginxProvider {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         {
-            return Err(bad(format!("upstream name {upstream:?} is not a plain word")));
+            return Err(bad(format!(
+                "upstream name {upstream:?} is not a plain word"
+            )));
         }
         if server_params
             .chars()
             .any(|c| matches!(c, ';' | '{' | '}' | '#' | '\n' | '\r'))
         {
-            return Err(bad("server_params must not contain ; { } # or newlines".into()));
+            return Err(bad(
+                "server_params must not contain ; { } # or newlines".into()
+            ));
         }
         if upstream_file.file_name().is_none() {
             return Err(bad(format!(
@@ -193,7 +197,10 @@ impl NginxProvider {
             } else {
                 format!(" {params}")
             };
-            s.push_str(&format!("    server {} {w}{extra};  # {region}\n", st.endpoint));
+            s.push_str(&format!(
+                "    server {} {w}{extra};  # {region}\n",
+                st.endpoint
+            ));
         }
         s.push_str("}\n");
         s
@@ -305,7 +312,11 @@ impl NginxProvider {
 
         atomic_write(&self.cfg.upstream_file, rendered.as_bytes()).await?;
         if let Err(message) = self
-            .run_nginx(&["-t".as_ref(), "-c".as_ref(), self.cfg.main_config.as_os_str()])
+            .run_nginx(&[
+                "-t".as_ref(),
+                "-c".as_ref(),
+                self.cfg.main_config.as_os_str(),
+            ])
             .await
         {
             self.restore(&previous).await;
@@ -318,7 +329,10 @@ impl NginxProvider {
             self.restore(&previous).await;
             return Err(TrafficError::NginxReload { message });
         }
-        info!(changes = changes.len(), "upstream file written, nginx reloaded");
+        info!(
+            changes = changes.len(),
+            "upstream file written, nginx reloaded"
+        );
         *last = Some(plan.digest());
         Ok(applied(true, changes))
     }

@@ -406,9 +406,14 @@ mod tests {
     #[test]
     fn drp_verbs_map_onto_weights() {
         let normal = two_regions(100, 0);
-        let failed_over = normal.enable_traffic(&r("shanghai"), Percent::FULL).unwrap();
+        let failed_over = normal
+            .enable_traffic(&r("shanghai"), Percent::FULL)
+            .unwrap();
         assert_eq!(failed_over, two_regions(0, 100));
-        assert_eq!(normal.remove_region(&r("beijing")).unwrap(), two_regions(0, 100));
+        assert_eq!(
+            normal.remove_region(&r("beijing")).unwrap(),
+            two_regions(0, 100)
+        );
         let canary = normal
             .enable_traffic(&r("shanghai"), Percent::new(10).unwrap())
             .unwrap();

@@ -86,8 +86,7 @@ impl SecretSource {
                 t
             }
             SecretFormat::TsigBase64 => {
-                let s = String::from_utf8(text)
-                    .map_err(|_| fail("not UTF-8 text".to_owned()))?;
+                let s = String::from_utf8(text).map_err(|_| fail("not UTF-8 text".to_owned()))?;
                 let b64 = bind_key_secret(&s).unwrap_or_else(|| s.trim().to_owned());
                 // Never echo the text: a decode error message would print the secret.
                 base64::engine::general_purpose::STANDARD
@@ -137,6 +136,9 @@ mod tests {
             .load("p", &env, SecretFormat::Raw)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("environment variable MISSING: not set"), "{err}");
+        assert!(
+            err.contains("environment variable MISSING: not set"),
+            "{err}"
+        );
     }
 }

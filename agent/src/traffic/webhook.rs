@@ -104,10 +104,7 @@ pub struct WebhookProvider {
 }
 
 impl WebhookProvider {
-    pub fn from_config(
-        cfg: WebhookConfig,
-        env: &BTreeMap<String, String>,
-    ) -> TrafficResult<Self> {
+    pub fn from_config(cfg: WebhookConfig, env: &BTreeMap<String, String>) -> TrafficResult<Self> {
         let WebhookConfig {
             name,
             url,
@@ -123,7 +120,10 @@ impl WebhookProvider {
         };
         let url = reqwest::Url::parse(&url).map_err(|e| bad(format!("url {url:?}: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(bad(format!("url scheme {} is not http or https", url.scheme())));
+            return Err(bad(format!(
+                "url scheme {} is not http or https",
+                url.scheme()
+            )));
         }
         if !url.username().is_empty() || url.password().is_some() {
             return Err(bad("put no credentials in the url; use `secret`".into()));
@@ -139,7 +139,8 @@ impl WebhookProvider {
             .timeout(timeout)
             .redirect(reqwest::redirect::Policy::none());
         if let Some(ca) = &ca_file {
-            let pem = std::fs::read(ca).map_err(|e| bad(format!("ca_file {}: {e}", ca.display())))?;
+            let pem =
+                std::fs::read(ca).map_err(|e| bad(format!("ca_file {}: {e}", ca.display())))?;
             for cert in reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| bad(format!("ca_file {}: {e}", ca.display())))?
             {
@@ -215,7 +216,11 @@ impl WebhookProvider {
             }
             let (retryable, err) = match req.send().await {
                 Ok(resp) if resp.status().is_success() => {
-                    info!(attempt, status = resp.status().as_u16(), "webhook accepted the plan");
+                    info!(
+                        attempt,
+                        status = resp.status().as_u16(),
+                        "webhook accepted the plan"
+                    );
                     *last = Some(digest.clone());
                     return Ok(applied(true, vec![Change::Delivered { target: url }]));
                 }
@@ -269,4 +274,3 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
-
