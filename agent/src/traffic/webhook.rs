@@ -15,7 +15,7 @@
 //!
 //! Any 2xx is success. Connection errors, timeouts, 408, 429 and 5xx are retried with doubling
 //! backoff up to `max_attempts`; other statuses fail at once. TLS is rustls with ring and the
-//! webpki roots, plus `ca_file` for a private CA.
+//! system's native roots, plus `ca_file` for a private CA.
 //!
 //! Idempotency: the far side cannot be read back, so this provider remembers the digest of the
 //! last plan delivered by this process and skips a re-apply of the same plan. After a restart it
