@@ -88,9 +88,13 @@ pub enum BackupError {
     NotFound { key: String },
     #[error("object {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
-    #[error("the repository key does not match this repository (key check failed); use the key file created by `repo init` for it")]
+    #[error(
+        "the repository key does not match this repository (key check failed); use the key file created by `repo init` for it"
+    )]
     WrongKey,
-    #[error("repository is not initialised (no `config` object); run `dr-agent repo init --repo-config FILE`")]
+    #[error(
+        "repository is not initialised (no `config` object); run `dr-agent repo init --repo-config FILE`"
+    )]
     NotInitialised,
     #[error("WAL file {name} already archived with different content; refusing to overwrite")]
     WalConflict { name: String },

@@ -25,7 +25,11 @@ async fn restore_and_check(
 ) {
     let port = free_port();
     let opts = RestoreOptions {
-        restore_command: Some(format!("{} wal-fetch %f %p --repo-config {}", agent_exe(), cfg_path.display())),
+        restore_command: Some(format!(
+            "{} wal-fetch %f %p --repo-config {}",
+            agent_exe(),
+            cfg_path.display()
+        )),
         extra_conf: vec![
             format!("port = {port}"),
             format!("unix_socket_directories = '{}'", target.display()),
@@ -35,17 +39,26 @@ async fn restore_and_check(
             "recovery_target_action = 'promote'".into(),
         ],
     };
-    restore(repo, id, target, &opts, &CancellationToken::new()).await.unwrap();
+    restore(repo, id, target, &opts, &CancellationToken::new())
+        .await
+        .unwrap();
     assert!(!dr_agent::backup::restore::partial_path(target).exists());
     chown_postgres(target);
     let pg = Pg::existing(target, port);
     pg.start();
     let start = std::time::Instant::now();
     while pg.query_bool("select pg_is_in_recovery()").await {
-        assert!(start.elapsed() < Duration::from_secs(60), "restored server never promoted");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "restored server never promoted"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(fingerprint(&pg).await, expected, "restored {id} has different data");
+    assert_eq!(
+        fingerprint(&pg).await,
+        expected,
+        "restored {id} has different data"
+    );
     pg.stop();
 }
 
@@ -85,7 +98,12 @@ async fn t10_full_incr_restore_verify_prune() {
     assert!(full.stop_lsn >= full.start_lsn);
     assert_eq!(full.timeline, 1);
     assert!(full.backup_label.contains("START WAL LOCATION"));
-    assert!(!full.entries.iter().any(|e| e.path == "postmaster.pid" || e.path.starts_with("pg_wal/0")));
+    assert!(
+        !full
+            .entries
+            .iter()
+            .any(|e| e.path == "postmaster.pid" || e.path.starts_with("pg_wal/0"))
+    );
     assert!(full.stats.chunks_new > 0);
 
     // --- writes, then incremental
@@ -107,28 +125,60 @@ async fn t10_full_incr_restore_verify_prune() {
         incr.stats.chunks_new,
         incr.stats.chunks_total
     );
-    assert!(incr.stats.bytes_read < incr.stats.bytes_total, "unchanged files must be skipped");
-    assert!(incr.stats.chunks_new < incr.stats.chunks_total, "unchanged chunks must be reused");
+    assert!(
+        incr.stats.bytes_read < incr.stats.bytes_total,
+        "unchanged files must be skipped"
+    );
+    assert!(
+        incr.stats.chunks_new < incr.stats.chunks_total,
+        "unchanged chunks must be reused"
+    );
     assert!(incr.stats.bytes_added < full.stats.bytes_added);
 
     // The catalog through the CLI.
-    let listed = run_ok(Command::new(agent_exe()).args(["backup", "list", "--output", "json", "--repo-config"]).arg(&cfg_path));
+    let listed = run_ok(
+        Command::new(agent_exe())
+            .args(["backup", "list", "--output", "json", "--repo-config"])
+            .arg(&cfg_path),
+    );
     let rows: serde_json::Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(rows.as_array().unwrap().len(), 2);
     pg.stop();
 
     // --- each backup restores alone to exactly its own data
-    restore_and_check(&repo, &full.id, &cfg_path, &root.join("restore-full"), full_expected).await;
-    restore_and_check(&repo, &incr.id, &cfg_path, &root.join("restore-incr"), incr_expected).await;
+    restore_and_check(
+        &repo,
+        &full.id,
+        &cfg_path,
+        &root.join("restore-full"),
+        full_expected,
+    )
+    .await;
+    restore_and_check(
+        &repo,
+        &incr.id,
+        &cfg_path,
+        &root.join("restore-incr"),
+        incr_expected,
+    )
+    .await;
 
     // A non-empty target is refused.
-    let err = restore(&repo, &incr.id, &root.join("restore-incr"), &RestoreOptions::default(), &cancel)
-        .await
-        .unwrap_err();
+    let err = restore(
+        &repo,
+        &incr.id,
+        &root.join("restore-incr"),
+        &RestoreOptions::default(),
+        &cancel,
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("not empty"), "{err}");
 
     // --- verify: everything fine, then one chunk corrupted and one deleted are named
-    let rep = verify(&repo, &[full.id.clone(), incr.id.clone()], true).await.unwrap();
+    let rep = verify(&repo, &[full.id.clone(), incr.id.clone()], true)
+        .await
+        .unwrap();
     assert!(rep.is_ok(), "{:?}", rep.problems);
     let ids = incr.chunk_ids();
     let (bad, gone) = (ids[0], ids[1]);
@@ -139,9 +189,16 @@ async fn t10_full_incr_restore_verify_prune() {
     std::fs::write(&bad_path, bytes).unwrap();
     std::fs::remove_file(repo_dir.join(gone.object_name())).unwrap();
     let rep = verify(&repo, &[incr.id.clone()], false).await.unwrap();
-    let named: Vec<(String, &str)> = rep.problems.iter().map(|p| (p.object.clone(), p.status)).collect();
+    let named: Vec<(String, &str)> = rep
+        .problems
+        .iter()
+        .map(|p| (p.object.clone(), p.status))
+        .collect();
     assert!(named.contains(&(bad.object_name(), "corrupt")), "{named:?}");
-    assert!(named.contains(&(gone.object_name(), "missing")), "{named:?}");
+    assert!(
+        named.contains(&(gone.object_name(), "missing")),
+        "{named:?}"
+    );
     assert_eq!(named.len(), 2, "{named:?}");
     let out = Command::new(agent_exe())
         .args(["backup", "verify", &incr.id.0, "--repo-config"])
@@ -150,12 +207,23 @@ async fn t10_full_incr_restore_verify_prune() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(&bad.object_name()) && text.contains(&gone.object_name()), "{text}");
+    assert!(
+        text.contains(&bad.object_name()) && text.contains(&gone.object_name()),
+        "{text}"
+    );
 
     // --- prune: an orphan chunk (as a failed backup leaves) goes, live chunks stay
     let orphan_id = repo.key().hash(b"orphan chunk of an interrupted backup");
-    repo.put_chunk(orphan_id, b"orphan chunk of an interrupted backup".to_vec(), false).await.unwrap();
-    let rep = dr_agent::backup::prune::prune(&repo, Duration::ZERO, false).await.unwrap();
+    repo.put_chunk(
+        orphan_id,
+        b"orphan chunk of an interrupted backup".to_vec(),
+        false,
+    )
+    .await
+    .unwrap();
+    let rep = dr_agent::backup::prune::prune(&repo, Duration::ZERO, false)
+        .await
+        .unwrap();
     assert_eq!(rep.deleted, 1, "{rep:?}");
     assert!(!repo_dir.join(orphan_id.object_name()).exists());
     assert!(repo_dir.join(ids[2].object_name()).exists());

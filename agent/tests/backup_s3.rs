@@ -70,7 +70,9 @@ impl Drop for Forwarder {
 
 async fn create_bucket(addr: SocketAddr, bucket: &str) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("PUT /{bucket} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "PUT /{bucket} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).await.unwrap();
@@ -95,7 +97,11 @@ fn s3_config(root: &std::path::Path, name: &str, port: u16) -> std::path::PathBu
 async fn t10_s3_killed_mid_backup_then_next_succeeds() {
     let tmp = test_dir();
     let root = tmp.path();
-    std::fs::write(root.join("s3.cred"), "access_key_id = \"test\"\nsecret_access_key = \"test\"\n").unwrap();
+    std::fs::write(
+        root.join("s3.cred"),
+        "access_key_id = \"test\"\nsecret_access_key = \"test\"\n",
+    )
+    .unwrap();
 
     // --- moto_server and a forwarder in front of it
     let moto_port = free_port();
@@ -108,7 +114,12 @@ async fn t10_s3_killed_mid_backup_then_next_succeeds() {
             .spawn()
             .expect("moto_server on PATH"),
     );
-    wait_until(|| std::net::TcpStream::connect(moto_addr).is_ok(), Duration::from_secs(30), "moto_server").await;
+    wait_until(
+        || std::net::TcpStream::connect(moto_addr).is_ok(),
+        Duration::from_secs(30),
+        "moto_server",
+    )
+    .await;
     create_bucket(moto_addr, "dr-backups").await;
     let fwd_port = free_port();
     let fwd_addr: SocketAddr = format!("127.0.0.1:{fwd_port}").parse().unwrap();
@@ -122,7 +133,9 @@ async fn t10_s3_killed_mid_backup_then_next_succeeds() {
         assert_eq!(access_key_id.as_ref(), Some(&Secret("test".into())));
     }
     let repo = Repository::init(&cfg).await.unwrap();
-    let direct = Repository::open(&RepoConfig::load(&direct_path, &env).unwrap()).await.unwrap();
+    let direct = Repository::open(&RepoConfig::load(&direct_path, &env).unwrap())
+        .await
+        .unwrap();
     chown_postgres(root);
 
     let port = free_port();
@@ -147,30 +160,51 @@ async fn t10_s3_killed_mid_backup_then_next_succeeds() {
     {
         let r2 = repo.clone();
         let o2 = opts.clone();
-        let task = tokio::spawn(async move { run_backup(&r2, &o2, &CancellationToken::new()).await });
+        let task =
+            tokio::spawn(async move { run_backup(&r2, &o2, &CancellationToken::new()).await });
         let start = Instant::now();
         loop {
             let n = direct.list_objects("data/").await.unwrap().len();
             if n >= 5 {
                 break;
             }
-            assert!(!task.is_finished(), "backup finished before the server could be killed");
+            assert!(
+                !task.is_finished(),
+                "backup finished before the server could be killed"
+            );
             assert!(start.elapsed() < Duration::from_secs(60));
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         fwd.kill();
         let killed_at = Instant::now();
-        let err = task.await.unwrap().expect_err("backup must fail when the server dies");
+        let err = task
+            .await
+            .unwrap()
+            .expect_err("backup must fail when the server dies");
         eprintln!("backup error after kill ({:?}): {err}", killed_at.elapsed());
-        assert!(matches!(err, dr_agent::backup::BackupError::Storage(_)), "{err:?}");
-        assert!(killed_at.elapsed() < Duration::from_secs(60), "the failure must be prompt");
-        assert!(direct.list_backups().await.unwrap().is_empty(), "no manifest may be written");
-        assert!(!direct.list_objects("data/").await.unwrap().is_empty(), "orphans stay for prune");
+        assert!(
+            matches!(err, dr_agent::backup::BackupError::Storage(_)),
+            "{err:?}"
+        );
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(60),
+            "the failure must be prompt"
+        );
+        assert!(
+            direct.list_backups().await.unwrap().is_empty(),
+            "no manifest may be written"
+        );
+        assert!(
+            !direct.list_objects("data/").await.unwrap().is_empty(),
+            "orphans stay for prune"
+        );
     }
 
     // --- server back: the next backup succeeds and restores
     fwd = Forwarder::start(fwd_addr, moto_addr);
-    let m = run_backup(&repo, &opts, &CancellationToken::new()).await.unwrap();
+    let m = run_backup(&repo, &opts, &CancellationToken::new())
+        .await
+        .unwrap();
     assert_eq!(repo.list_backups().await.unwrap(), vec![m.id.clone()]);
     let rep = verify(&repo, &[m.id.clone()], true).await.unwrap();
     assert!(rep.is_ok(), "{:?}", rep.problems);
@@ -179,7 +213,11 @@ async fn t10_s3_killed_mid_backup_then_next_succeeds() {
     let target = root.join("restore");
     let rport = free_port();
     let ropts = RestoreOptions {
-        restore_command: Some(format!("{} wal-fetch %f %p --repo-config {}", agent_exe(), cfg_path.display())),
+        restore_command: Some(format!(
+            "{} wal-fetch %f %p --repo-config {}",
+            agent_exe(),
+            cfg_path.display()
+        )),
         extra_conf: vec![
             format!("port = {rport}"),
             format!("unix_socket_directories = '{}'", target.display()),
@@ -188,7 +226,9 @@ async fn t10_s3_killed_mid_backup_then_next_succeeds() {
             "recovery_target_action = 'promote'".into(),
         ],
     };
-    restore(&repo, &m.id, &target, &ropts, &CancellationToken::new()).await.unwrap();
+    restore(&repo, &m.id, &target, &ropts, &CancellationToken::new())
+        .await
+        .unwrap();
     chown_postgres(&target);
     let restored = Pg::existing(&target, rport);
     restored.start();
@@ -214,5 +254,8 @@ async fn t10_s3_killed_mid_backup_then_next_succeeds() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    eprintln!("wal-push with the server down: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "wal-push with the server down: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

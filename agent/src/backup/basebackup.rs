@@ -80,9 +80,10 @@ pub async fn run_backup(
         let version: i32 = sqlx::query_scalar("select current_setting('server_version_num')::int")
             .fetch_one(&mut conn)
             .await?;
-        let sysid: Option<String> = sqlx::query_scalar("select system_identifier::text from pg_control_system()")
-            .fetch_optional(&mut conn)
-            .await?;
+        let sysid: Option<String> =
+            sqlx::query_scalar("select system_identifier::text from pg_control_system()")
+                .fetch_optional(&mut conn)
+                .await?;
         let label = format!("dr-agent {id}");
         let start_sql = if version >= 150000 {
             "select pg_backup_start($1, $2)::text"
@@ -187,8 +188,11 @@ async fn copy_data_dir(
                 .collect()
         })
         .unwrap_or_default();
-    let known: Arc<Mutex<HashSet<ChunkId>>> =
-        Arc::new(Mutex::new(parent.map(|p| p.chunk_ids().into_iter().collect()).unwrap_or_default()));
+    let known: Arc<Mutex<HashSet<ChunkId>>> = Arc::new(Mutex::new(
+        parent
+            .map(|p| p.chunk_ids().into_iter().collect())
+            .unwrap_or_default(),
+    ));
 
     let mut stats = BackupStats::default();
     let mut entries: Vec<Entry> = Vec::with_capacity(found.len());
@@ -302,7 +306,10 @@ async fn copy_data_dir(
             }
         }
         stats.bytes_total += size;
-        if let EntryKind::File { size: s, chunks, .. } = &mut entries[file].kind {
+        if let EntryKind::File {
+            size: s, chunks, ..
+        } = &mut entries[file].kind
+        {
             *s = size;
             *chunks = ids;
         }
@@ -345,7 +352,8 @@ mod tests {
 
     #[test]
     fn t10_timeline_from_label() {
-        let l = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nSTART TIMELINE: 3\n";
+        let l =
+            "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nSTART TIMELINE: 3\n";
         assert_eq!(parse_timeline(l).unwrap(), 3);
         assert!(parse_timeline("nothing").is_err());
     }

@@ -191,10 +191,17 @@ fn cancel_on_signal() -> CancellationToken {
 
 /// Shell-quote one argument for a restore_command line.
 fn sh_quote(s: &str) -> String {
-    if s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+=:@".contains(c)) {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+=:@".contains(c))
+    {
         s.to_string()
     } else {
-        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"").replace('$', "\\$"))
+        format!(
+            "\"{}\"",
+            s.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('$', "\\$")
+        )
     }
 }
 
@@ -245,9 +252,15 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 cfg.key_file.display()
             );
         }
-        Command::Repo(RepoCmd::Prune { repo, grace, dry_run }) => {
+        Command::Repo(RepoCmd::Prune {
+            repo,
+            grace,
+            dry_run,
+        }) => {
             let r = open(&repo).await?;
-            let rep = super::prune::prune(&r, grace, dry_run).await.context("prune repository")?;
+            let rep = super::prune::prune(&r, grace, dry_run)
+                .await
+                .context("prune repository")?;
             println!("{}", serde_json::to_string_pretty(&rep)?);
         }
         Command::Backup(BackupCmd::Run {
@@ -287,7 +300,10 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                     println!("{}", serde_json::to_string_pretty(&rows)?);
                 }
                 Output::Text => {
-                    println!("{:<30} {:<5} {:>12} {:>12} {:>4} {:>14} {:>14}", "ID", "KIND", "START LSN", "STOP LSN", "TL", "DB BYTES", "ADDED BYTES");
+                    println!(
+                        "{:<30} {:<5} {:>12} {:>12} {:>4} {:>14} {:>14}",
+                        "ID", "KIND", "START LSN", "STOP LSN", "TL", "DB BYTES", "ADDED BYTES"
+                    );
                     for m in &ms {
                         println!(
                             "{:<30} {:<5} {:>12} {:>12} {:>4} {:>14} {:>14}",
@@ -303,7 +319,12 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Backup(BackupCmd::Verify { repo, id, all, output }) => {
+        Command::Backup(BackupCmd::Verify {
+            repo,
+            id,
+            all,
+            output,
+        }) => {
             let r = open(&repo).await?;
             let ids: Vec<BackupId> = if all {
                 r.list_backups().await?
@@ -331,7 +352,9 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Restore(a) => {
             let cfg = load(&a.repo)?;
-            let r = Repository::open(&cfg).await.context("open backup repository")?;
+            let r = Repository::open(&cfg)
+                .await
+                .context("open backup repository")?;
             let id = r.resolve(&a.backup).await?;
             let restore_command = if a.no_recovery {
                 None
@@ -349,13 +372,23 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 restore_command,
                 extra_conf: Vec::new(),
             };
-            let st = restore(&r, &id, &a.target, &opts, &cancel).await.context("restore")?;
-            println!("restored {id} into {} ({} files, {} bytes)", a.target.display(), st.files, st.bytes);
+            let st = restore(&r, &id, &a.target, &opts, &cancel)
+                .await
+                .context("restore")?;
+            println!(
+                "restored {id} into {} ({} files, {} bytes)",
+                a.target.display(),
+                st.files,
+                st.bytes
+            );
         }
         Command::WalPush(a) => {
             let r = open(&a.repo).await?;
             // Errors are printed once, by `main`; PostgreSQL logs our stderr.
-            match wal_push(&r, &a.path).await.with_context(|| format!("archive {}", a.path.display()))? {
+            match wal_push(&r, &a.path)
+                .await
+                .with_context(|| format!("archive {}", a.path.display()))?
+            {
                 PushOutcome::Stored | PushOutcome::AlreadyArchived => {}
             }
         }

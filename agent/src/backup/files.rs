@@ -79,7 +79,10 @@ fn walk_dir(dir: &Path, rel: &str, out: &mut Vec<Found>) -> BackupResult<()> {
         names.push(ent.file_name().to_string_lossy().into_owned());
     }
     names.sort();
-    let unlogged: HashSet<&str> = names.iter().filter_map(|n| n.strip_suffix("_init")).collect();
+    let unlogged: HashSet<&str> = names
+        .iter()
+        .filter_map(|n| n.strip_suffix("_init"))
+        .collect();
     for name in &names {
         if EXCLUDE_FILES.contains(&name.as_str()) || name.starts_with("pgsql_tmp") {
             continue;
@@ -88,7 +91,11 @@ fn walk_dir(dir: &Path, rel: &str, out: &mut Vec<Found>) -> BackupResult<()> {
             continue;
         }
         let abs = dir.join(name);
-        let rel_path = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+        let rel_path = if rel.is_empty() {
+            name.clone()
+        } else {
+            format!("{rel}/{name}")
+        };
         let meta = match std::fs::symlink_metadata(&abs) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -132,7 +139,10 @@ fn walk_dir(dir: &Path, rel: &str, out: &mut Vec<Found>) -> BackupResult<()> {
             }
             walk_dir(&abs, &rel_path, out)?;
         } else if ft.is_file() {
-            let mtime_ns = meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec());
+            let mtime_ns = meta
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(meta.mtime_nsec());
             out.push(Found {
                 rel: rel_path,
                 abs,
@@ -165,7 +175,13 @@ mod tests {
     fn t10_exclusions() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path();
-        for dir in ["pg_wal/archive_status", "base/5/pgsql_tmp", "pg_replslot/s1", "global", "pg_stat_tmp"] {
+        for dir in [
+            "pg_wal/archive_status",
+            "base/5/pgsql_tmp",
+            "pg_replslot/s1",
+            "global",
+            "pg_stat_tmp",
+        ] {
             std::fs::create_dir_all(p.join(dir)).unwrap();
         }
         for f in [

@@ -176,7 +176,8 @@ impl RepoKey {
             })?
         } else {
             let hash = self.hash(plain);
-            let c = zstd::bulk::compress(plain, level).map_err(|e| BackupError::io("zstd compress", e))?;
+            let c = zstd::bulk::compress(plain, level)
+                .map_err(|e| BackupError::io("zstd compress", e))?;
             (hash, vec![c])
         };
         let clen: usize = pieces.iter().map(Vec::len).sum();
@@ -221,7 +222,12 @@ impl RepoKey {
 
     /// Authenticate, decrypt, decompress and re-hash a sealed object.
     /// `max_plain` bounds the decompressed size.
-    pub fn open(&self, name: &str, mut sealed: Vec<u8>, max_plain: usize) -> BackupResult<(Vec<u8>, ChunkId)> {
+    pub fn open(
+        &self,
+        name: &str,
+        mut sealed: Vec<u8>,
+        max_plain: usize,
+    ) -> BackupResult<(Vec<u8>, ChunkId)> {
         let corrupt = |reason: &str| BackupError::Corrupt {
             key: name.to_string(),
             reason: reason.to_string(),
@@ -238,7 +244,12 @@ impl RepoKey {
         sealed.truncate(tag_at);
         let aad = aad(name, &hash);
         self.cipher
-            .decrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, &mut sealed[HEADER_LEN..], &tag)
+            .decrypt_in_place_detached(
+                XNonce::from_slice(&nonce),
+                &aad,
+                &mut sealed[HEADER_LEN..],
+                &tag,
+            )
             .map_err(|_| corrupt("authentication failed (damaged, moved, or another key)"))?;
         let plain = if flags & FLAG_ZSTD != 0 {
             zstd::bulk::decompress(&sealed[HEADER_LEN..], max_plain)
@@ -300,15 +311,25 @@ mod tests {
         let k = key();
         let (mut s, _) = k.seal("data/a", b"hello world", 3, 1).unwrap();
         assert!(k.open("data/b", s.clone(), 100).is_err(), "moved object");
-        assert!(RepoKey::from_master(&[8u8; 32]).open("data/a", s.clone(), 100).is_err());
+        assert!(
+            RepoKey::from_master(&[8u8; 32])
+                .open("data/a", s.clone(), 100)
+                .is_err()
+        );
         let n = s.len() - 20;
         s[n] ^= 1;
-        assert!(matches!(k.open("data/a", s, 100), Err(BackupError::Corrupt { .. })));
+        assert!(matches!(
+            k.open("data/a", s, 100),
+            Err(BackupError::Corrupt { .. })
+        ));
     }
 
     #[test]
     fn t40_ids_are_keyed() {
-        assert_ne!(key().hash(b"abc"), RepoKey::from_master(&[1u8; 32]).hash(b"abc"));
+        assert_ne!(
+            key().hash(b"abc"),
+            RepoKey::from_master(&[1u8; 32]).hash(b"abc")
+        );
         let id = key().hash(b"abc");
         assert_eq!(id.to_string().parse::<ChunkId>().unwrap(), id);
     }

@@ -12,9 +12,9 @@ use std::time::Duration;
 use serde::Serialize;
 use tracing::info;
 
+use super::BackupResult;
 use super::key::ChunkId;
 use super::repo::Repository;
-use super::BackupResult;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PruneReport {
@@ -35,7 +35,9 @@ pub async fn prune(repo: &Repository, grace: Duration, dry_run: bool) -> BackupR
     };
     let now = chrono::Utc::now();
     for e in repo.list_objects("data/").await? {
-        let Some(id) = e.name().parse::<ChunkId>().ok() else { continue };
+        let Some(id) = e.name().parse::<ChunkId>().ok() else {
+            continue;
+        };
         if live.contains(&id) {
             continue;
         }
@@ -45,7 +47,10 @@ pub async fn prune(repo: &Repository, grace: Duration, dry_run: bool) -> BackupR
             None => repo.operator().stat(e.path()).await?.last_modified(),
         };
         let young = modified.is_some_and(|t| {
-            let age = now.signed_duration_since(t).to_std().unwrap_or(Duration::ZERO);
+            let age = now
+                .signed_duration_since(t)
+                .to_std()
+                .unwrap_or(Duration::ZERO);
             age < grace
         });
         if young {
@@ -57,6 +62,11 @@ pub async fn prune(repo: &Repository, grace: Duration, dry_run: bool) -> BackupR
             report.deleted += 1;
         }
     }
-    info!(referenced = report.referenced, orphans = report.orphans, deleted = report.deleted, "prune finished");
+    info!(
+        referenced = report.referenced,
+        orphans = report.orphans,
+        deleted = report.deleted,
+        "prune finished"
+    );
     Ok(report)
 }

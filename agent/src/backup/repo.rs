@@ -50,7 +50,12 @@ pub fn operator(location: &Location) -> BackupResult<Operator> {
             let root = path.to_string_lossy();
             // Atomic writes: temp file + fsync + rename, so a torn object never has a real name.
             let tmp = path.join(".tmp");
-            Operator::new(services::Fs::default().root(&root).atomic_write_dir(&tmp.to_string_lossy()))?.finish()
+            Operator::new(
+                services::Fs::default()
+                    .root(&root)
+                    .atomic_write_dir(&tmp.to_string_lossy()),
+            )?
+            .finish()
         }
         Location::S3 {
             bucket,
@@ -100,8 +105,16 @@ pub fn operator(location: &Location) -> BackupResult<Operator> {
             }
             Operator::new(b)?.finish()
         }
-        Location::Sftp { endpoint, user, key, root } => {
-            let mut b = services::Sftp::default().endpoint(endpoint).user(user).root(root);
+        Location::Sftp {
+            endpoint,
+            user,
+            key,
+            root,
+        } => {
+            let mut b = services::Sftp::default()
+                .endpoint(endpoint)
+                .user(user)
+                .root(root);
             if let Some(k) = key {
                 b = b.key(&k.to_string_lossy());
             }
@@ -149,7 +162,8 @@ impl Repository {
                     key_check: key.check_value(),
                     created_at: chrono::Utc::now().to_rfc3339(),
                 };
-                op.write(CONFIG_OBJECT, serde_json::to_vec_pretty(&meta)?).await?;
+                op.write(CONFIG_OBJECT, serde_json::to_vec_pretty(&meta)?)
+                    .await?;
                 info!(location = %cfg.location.describe(), "repository initialised");
             }
             Err(e) => return Err(e.into()),
@@ -222,7 +236,12 @@ impl Repository {
 
     /// Seal and upload one chunk (`id` = its keyed hash) unless it is `known` or exists.
     /// Returns the stored size when it was uploaded.
-    pub async fn put_chunk(&self, id: ChunkId, plain: Vec<u8>, known: bool) -> BackupResult<Option<u64>> {
+    pub async fn put_chunk(
+        &self,
+        id: ChunkId,
+        plain: Vec<u8>,
+        known: bool,
+    ) -> BackupResult<Option<u64>> {
         debug_assert!(plain.len() <= CHUNK_SIZE);
         if known || self.exists(&id.object_name()).await? {
             return Ok(None);
@@ -310,9 +329,13 @@ impl Repository {
     /// Resolve `latest` or an id.
     pub async fn resolve(&self, id_or_latest: &str) -> BackupResult<BackupId> {
         if id_or_latest == "latest" {
-            return self.list_backups().await?.pop().ok_or_else(|| BackupError::NotFound {
-                key: "backups/ (the repository has no backups)".into(),
-            });
+            return self
+                .list_backups()
+                .await?
+                .pop()
+                .ok_or_else(|| BackupError::NotFound {
+                    key: "backups/ (the repository has no backups)".into(),
+                });
         }
         Ok(BackupId(id_or_latest.to_string()))
     }
@@ -335,9 +358,15 @@ pub fn create_key_file(path: &std::path::Path) -> BackupResult<bool> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| BackupError::io(format!("create {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| BackupError::io(format!("create {}", dir.display()), e))?;
     }
-    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
         Ok(mut f) => {
             let text = RepoKey::generate_hex();
             f.write_all(text.as_bytes())
@@ -348,6 +377,9 @@ pub fn create_key_file(path: &std::path::Path) -> BackupResult<bool> {
             Ok(true)
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(BackupError::io(format!("create key file {}", path.display()), e)),
+        Err(e) => Err(BackupError::io(
+            format!("create key file {}", path.display()),
+            e,
+        )),
     }
 }

@@ -185,8 +185,9 @@ struct CredentialsFile {
 impl RepoConfig {
     /// Read and validate a repository config file.
     pub fn load(path: &Path, env: &HashMap<String, String>) -> BackupResult<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| BackupError::io(format!("read repository config {}", path.display()), e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            BackupError::io(format!("read repository config {}", path.display()), e)
+        })?;
         let abs = std::path::absolute(path)
             .map_err(|e| BackupError::io(format!("resolve {}", path.display()), e))?;
         let base = abs.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -211,15 +212,24 @@ impl RepoConfig {
             location,
         } = file;
         if version != 1 {
-            return Err(BackupError::Config(format!("unsupported version {version}, expected 1")));
+            return Err(BackupError::Config(format!(
+                "unsupported version {version}, expected 1"
+            )));
         }
-        for (name, l) in [("compression_level", compression_level), ("wal_compression_level", wal_compression_level)] {
+        for (name, l) in [
+            ("compression_level", compression_level),
+            ("wal_compression_level", wal_compression_level),
+        ] {
             if !(-7..=19).contains(&l) {
-                return Err(BackupError::Config(format!("{name} = {l} is outside -7..=19")));
+                return Err(BackupError::Config(format!(
+                    "{name} = {l} is outside -7..=19"
+                )));
             }
         }
         if !(1..=64).contains(&concurrency) {
-            return Err(BackupError::Config(format!("concurrency = {concurrency} is outside 1..=64")));
+            return Err(BackupError::Config(format!(
+                "concurrency = {concurrency} is outside 1..=64"
+            )));
         }
         let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let location = match location {
@@ -237,7 +247,9 @@ impl RepoConfig {
                 let (access_key_id, secret_access_key) = credentials(
                     env,
                     access_key_id_env.as_deref().unwrap_or("AWS_ACCESS_KEY_ID"),
-                    secret_access_key_env.as_deref().unwrap_or("AWS_SECRET_ACCESS_KEY"),
+                    secret_access_key_env
+                        .as_deref()
+                        .unwrap_or("AWS_SECRET_ACCESS_KEY"),
                     credentials_file.map(abs),
                 )?;
                 Location::S3 {
@@ -261,7 +273,9 @@ impl RepoConfig {
                 let (access_key_id, secret_access_key) = credentials(
                     env,
                     access_key_id_env.as_deref().unwrap_or("OSS_ACCESS_KEY_ID"),
-                    secret_access_key_env.as_deref().unwrap_or("OSS_ACCESS_KEY_SECRET"),
+                    secret_access_key_env
+                        .as_deref()
+                        .unwrap_or("OSS_ACCESS_KEY_SECRET"),
                     credentials_file.map(abs),
                 )?;
                 Location::Oss {
@@ -272,7 +286,12 @@ impl RepoConfig {
                     secret_access_key,
                 }
             }
-            FileLocation::Sftp { endpoint, user, key, root } => Location::Sftp {
+            FileLocation::Sftp {
+                endpoint,
+                user,
+                key,
+                root,
+            } => Location::Sftp {
                 endpoint,
                 user,
                 key: key.map(abs),
@@ -301,9 +320,17 @@ fn credentials(
     if let Some(path) = file {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| BackupError::io(format!("read credentials file {}", path.display()), e))?;
-        let c: CredentialsFile = toml::from_str(&text)
-            .map_err(|e| BackupError::Config(format!("credentials file {}: {}", path.display(), e.message())))?;
-        return Ok((Some(Secret(c.access_key_id)), Some(Secret(c.secret_access_key))));
+        let c: CredentialsFile = toml::from_str(&text).map_err(|e| {
+            BackupError::Config(format!(
+                "credentials file {}: {}",
+                path.display(),
+                e.message()
+            ))
+        })?;
+        return Ok((
+            Some(Secret(c.access_key_id)),
+            Some(Secret(c.secret_access_key)),
+        ));
     }
     Ok((
         env.get(id_var).cloned().map(Secret),
@@ -328,7 +355,8 @@ mod tests {
 
     #[test]
     fn t20_unknown_field_refused_and_secrets_redacted() {
-        let bad = "version = 1\nkey_file = \"k\"\nbogus = 1\n[location]\nkind = \"fs\"\npath = \"r\"\n";
+        let bad =
+            "version = 1\nkey_file = \"k\"\nbogus = 1\n[location]\nkind = \"fs\"\npath = \"r\"\n";
         assert!(RepoConfig::parse(bad, Path::new("/x"), &HashMap::new()).is_err());
         let s3 = "version = 1\nkey_file = \"k\"\n[location]\nkind = \"s3\"\nbucket = \"b\"\nvirtual_host_style = true\n";
         let env = HashMap::from([("AWS_SECRET_ACCESS_KEY".to_string(), "hunter2".to_string())]);

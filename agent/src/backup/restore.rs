@@ -75,7 +75,8 @@ pub async fn restore(
         let partial = partial_path(target);
         if std::fs::symlink_metadata(&partial).is_ok() {
             warn!(path = %partial.display(), "removing the leftover of an earlier failed restore");
-            std::fs::remove_dir_all(&partial).map_err(io(format!("remove {}", partial.display())))?;
+            std::fs::remove_dir_all(&partial)
+                .map_err(io(format!("remove {}", partial.display())))?;
         }
         std::fs::create_dir_all(&partial).map_err(io(format!("create {}", partial.display())))?;
         std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o700))
@@ -99,11 +100,14 @@ pub async fn restore(
                         .map_err(io(format!("chmod {}", p.display())))?;
                 }
                 EntryKind::Symlink { target } => {
-                    std::os::unix::fs::symlink(target, &p).map_err(io(format!("symlink {}", p.display())))?;
+                    std::os::unix::fs::symlink(target, &p)
+                        .map_err(io(format!("symlink {}", p.display())))?;
                 }
                 EntryKind::File { size, chunks, .. } => {
-                    let f = std::fs::File::create(&p).map_err(io(format!("create {}", p.display())))?;
-                    f.set_len(*size).map_err(io(format!("size {}", p.display())))?;
+                    let f =
+                        std::fs::File::create(&p).map_err(io(format!("create {}", p.display())))?;
+                    f.set_len(*size)
+                        .map_err(io(format!("size {}", p.display())))?;
                     f.set_permissions(std::fs::Permissions::from_mode(e.mode))
                         .map_err(io(format!("chmod {}", p.display())))?;
                     stats.files += 1;
@@ -127,7 +131,8 @@ pub async fn restore(
                         .write(true)
                         .open(path.as_path())
                         .map_err(io(format!("open {}", path.display())))?;
-                    f.write_all_at(&data, offset).map_err(io(format!("write {}", path.display())))
+                    f.write_all_at(&data, offset)
+                        .map_err(io(format!("write {}", path.display())))
                 })
                 .await
             })
@@ -135,7 +140,10 @@ pub async fn restore(
             .try_collect::<()>()
             .await?;
 
-        write_file(&partial.join("backup_label"), manifest.backup_label.as_bytes())?;
+        write_file(
+            &partial.join("backup_label"),
+            manifest.backup_label.as_bytes(),
+        )?;
         if let Some(map) = &manifest.tablespace_map {
             write_file(&partial.join("tablespace_map"), map.as_bytes())?;
         }
@@ -149,13 +157,17 @@ pub async fn restore(
                 .map_err(io(format!("open {}", conf.display())))?;
             let mut text = format!("\n# added by dr-agent restore of backup {id}\n");
             if let Some(cmd) = &opts.restore_command {
-                text.push_str(&format!("restore_command = '{}'\n", cmd.replace('\'', "''")));
+                text.push_str(&format!(
+                    "restore_command = '{}'\n",
+                    cmd.replace('\'', "''")
+                ));
             }
             for l in &opts.extra_conf {
                 text.push_str(l);
                 text.push('\n');
             }
-            f.write_all(text.as_bytes()).map_err(io(format!("write {}", conf.display())))?;
+            f.write_all(text.as_bytes())
+                .map_err(io(format!("write {}", conf.display())))?;
             if opts.restore_command.is_some() {
                 write_file(&partial.join("recovery.signal"), b"")?;
             }
@@ -164,13 +176,27 @@ pub async fn restore(
             return Err(BackupError::Cancelled);
         }
         // Everything durable before the rename makes the directory visible as `target`.
-        let dir = std::fs::File::open(&partial).map_err(io(format!("open {}", partial.display())))?;
-        blocking(move || nix::unistd::syncfs(&dir).map_err(|e| BackupError::io("syncfs", e.into()))).await?;
+        let dir =
+            std::fs::File::open(&partial).map_err(io(format!("open {}", partial.display())))?;
+        blocking(move || {
+            nix::unistd::syncfs(&dir).map_err(|e| BackupError::io("syncfs", e.into()))
+        })
+        .await?;
         if std::fs::symlink_metadata(target).is_ok() {
-            std::fs::remove_dir(target).map_err(io(format!("remove empty {}", target.display())))?;
+            std::fs::remove_dir(target)
+                .map_err(io(format!("remove empty {}", target.display())))?;
         }
-        std::fs::rename(&partial, target).map_err(io(format!("rename {} to {}", partial.display(), target.display())))?;
-        info!(files = stats.files, bytes = stats.bytes, chunks = stats.chunks, "restore finished");
+        std::fs::rename(&partial, target).map_err(io(format!(
+            "rename {} to {}",
+            partial.display(),
+            target.display()
+        )))?;
+        info!(
+            files = stats.files,
+            bytes = stats.bytes,
+            chunks = stats.chunks,
+            "restore finished"
+        );
         Ok(stats)
     }
     .instrument(span)
@@ -179,5 +205,6 @@ pub async fn restore(
 
 fn write_file(p: &Path, data: &[u8]) -> BackupResult<()> {
     std::fs::write(p, data).map_err(io(format!("write {}", p.display())))?;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).map_err(io(format!("chmod {}", p.display())))
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
+        .map_err(io(format!("chmod {}", p.display())))
 }

@@ -52,7 +52,11 @@ fn problem(object: String, e: &BackupError) -> Problem {
 
 /// Verify the given backups (their manifests and every chunk they reference); with
 /// `include_wal`, also every archived WAL object.
-pub async fn verify(repo: &Repository, ids: &[BackupId], include_wal: bool) -> BackupResult<VerifyReport> {
+pub async fn verify(
+    repo: &Repository,
+    ids: &[BackupId],
+    include_wal: bool,
+) -> BackupResult<VerifyReport> {
     let mut report = VerifyReport::default();
     let mut chunks: BTreeSet<ChunkId> = BTreeSet::new();
     for id in ids {
@@ -83,11 +87,19 @@ pub async fn verify(repo: &Repository, ids: &[BackupId], include_wal: bool) -> B
         }
     }
     if include_wal {
-        let names: Vec<String> = repo.list_objects("wal/").await?.into_iter().map(|e| e.path().to_string()).collect();
+        let names: Vec<String> = repo
+            .list_objects("wal/")
+            .await?
+            .into_iter()
+            .map(|e| e.path().to_string())
+            .collect();
         let results: Vec<(String, BackupResult<()>)> = futures::stream::iter(names)
             .map(|n| async move {
                 let r = async {
-                    let raw = repo.get_raw(&n).await?.ok_or_else(|| BackupError::NotFound { key: n.clone() })?;
+                    let raw = repo
+                        .get_raw(&n)
+                        .await?
+                        .ok_or_else(|| BackupError::NotFound { key: n.clone() })?;
                     let key = repo.key().clone();
                     let n2 = n.clone();
                     blocking(move || key.open(&n2, raw, MAX_WAL_SIZE).map(drop)).await
@@ -109,6 +121,10 @@ pub async fn verify(repo: &Repository, ids: &[BackupId], include_wal: bool) -> B
     for p in &report.problems {
         warn!(object = %p.object, status = p.status, reason = %p.reason, "verify found a bad object");
     }
-    info!(objects = report.objects_checked, problems = report.problems.len(), "verify finished");
+    info!(
+        objects = report.objects_checked,
+        problems = report.problems.len(),
+        "verify finished"
+    );
     Ok(report)
 }

@@ -33,9 +33,12 @@ pub async fn wal_fetch(repo: &Repository, file_name: &str, dest: &Path) -> Backu
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(_) => {
                 // Other filesystem: copy, then drop the spool copy.
-                tokio::fs::copy(&spooled, dest)
-                    .await
-                    .map_err(|e| BackupError::io(format!("copy {} to {}", spooled.display(), dest.display()), e))?;
+                tokio::fs::copy(&spooled, dest).await.map_err(|e| {
+                    BackupError::io(
+                        format!("copy {} to {}", spooled.display(), dest.display()),
+                        e,
+                    )
+                })?;
                 let _ignored = tokio::fs::remove_file(&spooled).await;
                 return Ok(true);
             }
@@ -69,7 +72,8 @@ async fn fetch_to(repo: &Repository, name: &str, dest: &Path) -> BackupResult<bo
     let dest = dest.to_path_buf();
     blocking(move || {
         let (plain, _) = key.open(&n, raw, MAX_WAL_SIZE)?;
-        std::fs::write(&dest, &plain).map_err(|e| BackupError::io(format!("write {}", dest.display()), e))
+        std::fs::write(&dest, &plain)
+            .map_err(|e| BackupError::io(format!("write {}", dest.display()), e))
     })
     .await?;
     Ok(true)
@@ -101,7 +105,9 @@ async fn prefetch_into(repo: &Repository, spool: &Path, names: &[String]) -> Bac
 
 /// Remove spool files that sort before `current` (already replayed or skipped).
 async fn clean_spool(spool: &Path, current: &str) {
-    let Ok(mut rd) = tokio::fs::read_dir(spool).await else { return };
+    let Ok(mut rd) = tokio::fs::read_dir(spool).await else {
+        return;
+    };
     while let Ok(Some(e)) = rd.next_entry().await {
         let n = e.file_name().to_string_lossy().into_owned();
         if n.len() >= 24 && n[..24] < *current && n[..8] == current[..8] {
@@ -136,7 +142,11 @@ mod tests {
     fn t10_next_segments() {
         assert_eq!(
             next_segments("0000000100000000000000FE", 3).unwrap(),
-            vec!["0000000100000000000000FF", "000000010000000100000000", "000000010000000100000001"]
+            vec![
+                "0000000100000000000000FF",
+                "000000010000000100000000",
+                "000000010000000100000001"
+            ]
         );
         assert!(next_segments("00000002.history", 3).is_none());
     }

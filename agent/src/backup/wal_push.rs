@@ -32,13 +32,22 @@ pub enum PushOutcome {
 /// Object name for a WAL file name, validating it (`%f` comes from PostgreSQL, but the CLI
 /// accepts any path).
 pub fn wal_object_name(file_name: &str) -> BackupResult<String> {
-    let bad = || BackupError::Invalid(format!("{file_name:?} is not a WAL segment, history or backup history file name"));
-    let hex = |s: &str| s.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase());
+    let bad = || {
+        BackupError::Invalid(format!(
+            "{file_name:?} is not a WAL segment, history or backup history file name"
+        ))
+    };
+    let hex = |s: &str| {
+        s.chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase())
+    };
     let ok = match file_name.len() {
         24 => hex(file_name),
         32 if file_name.ends_with(".partial") => hex(&file_name[..24]),
         16 if file_name.ends_with(".history") => hex(&file_name[..8]),
-        40 if file_name.ends_with(".backup") => hex(&file_name[..24]) && file_name.as_bytes()[24] == b'.' && hex(&file_name[25..33]),
+        40 if file_name.ends_with(".backup") => {
+            hex(&file_name[..24]) && file_name.as_bytes()[24] == b'.' && hex(&file_name[25..33])
+        }
         _ => false,
     };
     if !ok {
@@ -67,7 +76,10 @@ pub async fn wal_push(repo: &Repository, path: &Path) -> BackupResult<PushOutcom
         .map_err(|e| BackupError::Invalid(format!("read task failed: {e}")))?
         .map_err(|e| BackupError::io(format!("read {}", path.display()), e))?;
     if plain.len() > MAX_WAL_SIZE {
-        return Err(BackupError::Invalid(format!("{} is larger than 1 GiB", path.display())));
+        return Err(BackupError::Invalid(format!(
+            "{} is larger than 1 GiB",
+            path.display()
+        )));
     }
     match existing {
         Ok(header) => {
@@ -116,7 +128,10 @@ mod tests {
 
     #[test]
     fn t10_names() {
-        assert_eq!(wal_object_name("000000010000000000000002").unwrap(), "wal/00000001/000000010000000000000002");
+        assert_eq!(
+            wal_object_name("000000010000000000000002").unwrap(),
+            "wal/00000001/000000010000000000000002"
+        );
         assert!(wal_object_name("00000002.history").is_ok());
         assert!(wal_object_name("000000010000000000000002.00000028.backup").is_ok());
         assert!(wal_object_name("000000010000000000000002.partial").is_ok());

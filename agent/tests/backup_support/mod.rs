@@ -16,12 +16,19 @@ pub fn agent_exe() -> &'static str {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A temp dir the `postgres` user can traverse.
 pub fn test_dir() -> tempfile::TempDir {
-    let d = tempfile::Builder::new().prefix("dr-backup-test").tempdir().unwrap();
+    let d = tempfile::Builder::new()
+        .prefix("dr-backup-test")
+        .tempdir()
+        .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     d
@@ -29,7 +36,11 @@ pub fn test_dir() -> tempfile::TempDir {
 
 /// Ensure the `postgres` OS user exists (Debian's postgresql package creates it).
 pub fn ensure_postgres_user() {
-    let ok = Command::new("id").arg("postgres").output().map(|o| o.status.success()).unwrap_or(false);
+    let ok = Command::new("id")
+        .arg("postgres")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !ok {
         let st = Command::new("useradd")
             .args(["--system", "--user-group", "--no-create-home", "postgres"])
@@ -40,7 +51,11 @@ pub fn ensure_postgres_user() {
 }
 
 pub fn chown_postgres(p: &Path) {
-    let st = Command::new("chown").args(["-R", "postgres:postgres"]).arg(p).status().unwrap();
+    let st = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(p)
+        .status()
+        .unwrap();
     assert!(st.success(), "chown {}", p.display());
 }
 
@@ -82,7 +97,12 @@ impl Pg {
         ensure_postgres_user();
         std::fs::create_dir_all(dir).unwrap();
         chown_postgres(dir);
-        run_ok(as_postgres(&format!("{PG_BIN}/initdb")).args(["-D"]).arg(dir).args(["-U", "postgres", "--auth=trust", "-N"]));
+        run_ok(
+            as_postgres(&format!("{PG_BIN}/initdb"))
+                .args(["-D"])
+                .arg(dir)
+                .args(["-U", "postgres", "--auth=trust", "-N"]),
+        );
         let conf = format!(
             "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nwal_level = replica\nmax_wal_senders = 2\nshared_buffers = 64MB\n{extra_conf}\n",
             dir.display()
@@ -142,7 +162,14 @@ impl Pg {
     pub fn pgbench(&self, args: &[&str]) {
         run_ok(
             Command::new(format!("{PG_BIN}/pgbench"))
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                ])
                 .args(args)
                 .arg("postgres"),
         );
@@ -196,7 +223,8 @@ impl Drop for ChildGuard {
 /// Sum of balances and row counts: what "the same data" means in these tests.
 pub async fn fingerprint(pg: &Pg) -> (i64, i64, i64) {
     (
-        pg.query_i64("select coalesce(sum(abalance),0)::bigint from pgbench_accounts").await,
+        pg.query_i64("select coalesce(sum(abalance),0)::bigint from pgbench_accounts")
+            .await,
         pg.query_i64("select count(*) from pgbench_accounts").await,
         pg.query_i64("select count(*) from pgbench_history").await,
     )
