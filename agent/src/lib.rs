@@ -30,6 +30,7 @@ pub mod isolate;
 pub mod metrics;
 pub mod rotate;
 pub mod session;
+pub mod traffic;
 
 pub use config::Config;
 
