@@ -233,8 +233,9 @@ impl FenceTask {
         let span = info_span!("fence_task", cluster = %self.fencer.pg.config().cluster);
         async {
             loop {
-                let sleep = async {
-                    match state {
+                let armed = state;
+                let sleep = async move {
+                    match armed {
                         Armed::Until(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
                         Armed::Fired => std::future::pending().await,
                     }

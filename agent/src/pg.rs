@@ -148,7 +148,6 @@ pub struct StopReport {
 }
 
 /// One PostgreSQL data directory managed by this agent.
-#[derive(Debug)]
 pub struct PgInstance {
     cfg: PgConfig,
     env: BTreeMap<String, String>,
@@ -158,6 +157,17 @@ pub struct PgInstance {
     /// [`PgInstance::stop_for_fence`] deliberately does not take it: a fence must never wait
     /// behind a long rewind or a hung start.
     op_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for PgInstance {
+    // Not derived: `env` may hold secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgInstance")
+            .field("cluster", &self.cfg.cluster)
+            .field("data_dir", &self.cfg.data_dir)
+            .field("port", &self.cfg.port)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PgInstance {
@@ -191,6 +201,13 @@ impl PgInstance {
             return Err(PgError::StaleEpoch { given: epoch, current });
         }
         Ok(())
+    }
+
+    /// Checks `epoch` like [`PgInstance::check_epoch`] and records it as seen: the action
+    /// layer calls this for every command that carries an epoch (rewind, configure_standby…),
+    /// so a demoted node also refuses what the deposed leader may still send.
+    pub fn observe_epoch(&self, epoch: Epoch) -> PgResult<()> {
+        self.markers.raise_epoch(epoch).map(|_| ())
     }
 
     pub fn fence_marker(&self) -> PgResult<Option<FenceMarker>> {
@@ -598,6 +615,11 @@ impl PgInstance {
                 if !ok {
                     return Err(PgError::Timeout { what: "promotion (pg_promote returned false)".into(), after: Duration::from_secs(60) });
                 }
+                // PostgreSQL 15 records the new timeline in pg_control only at the first
+                // checkpoint after promotion, and pg_rewind reads the source's timeline from
+                // there: without this, rewinding the old primary onto us says "no rewind
+                // required" and leaves it on the dead timeline (Patroni does the same).
+                sqlx::query("checkpoint").execute(&mut c).await.map_err(PgError::query("checkpoint after promote"))?;
             } else {
                 info!("already primary");
             }

@@ -150,7 +150,7 @@ impl ControlData {
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
-        let mut get = |key: &str| -> Result<String, String> {
+        let get = |key: &str| -> Result<String, String> {
             text.lines()
                 .find_map(|l| {
                     let (k, v) = l.split_once(':')?;
