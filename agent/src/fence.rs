@@ -120,8 +120,14 @@ pub struct Fencer {
 
 impl Fencer {
     pub fn new(pg: Arc<PgInstance>, cfg: FenceConfig) -> FenceResult<Self> {
-        if cfg.stop_writes_hooks.iter().any(|h| h.first().is_none_or(|p| p.is_empty())) {
-            return Err(FenceError::Config("stop_writes_hooks: every hook needs a program".into()));
+        if cfg
+            .stop_writes_hooks
+            .iter()
+            .any(|h| h.first().is_none_or(|p| p.is_empty()))
+        {
+            return Err(FenceError::Config(
+                "stop_writes_hooks: every hook needs a program".into(),
+            ));
         }
         Ok(Self { pg, cfg })
     }
@@ -146,7 +152,14 @@ impl Fencer {
                 error!(error = %e, "could not write the fence marker; stopping anyway");
             }
             let stop = async {
-                if was_running { self.pg.stop_for_fence(self.cfg.fast_stop_bound).await.map(Some) } else { Ok(None) }
+                if was_running {
+                    self.pg
+                        .stop_for_fence(self.cfg.fast_stop_bound)
+                        .await
+                        .map(Some)
+                } else {
+                    Ok(None)
+                }
             };
             let (stop, hooks) = tokio::join!(stop, self.run_hooks(reason));
             let stop = stop.map_err(|e| {
@@ -162,7 +175,13 @@ impl Fencer {
                 hooks_failed = hooks.iter().filter(|h| !h.ok).count(),
                 "FENCED: postgresql is stopped and will not start as a primary until unfenced"
             );
-            Ok(FenceReport { reason: reason.to_owned(), was_running, stop, marker_error, hooks })
+            Ok(FenceReport {
+                reason: reason.to_owned(),
+                was_running,
+                stop,
+                marker_error,
+                hooks,
+            })
         }
         .instrument(span)
         .await
@@ -177,13 +196,28 @@ impl Fencer {
                 .env("DR_CLUSTER", &self.pg.config().cluster)
                 .stdin(std::process::Stdio::null())
                 .kill_on_drop(true);
-            let (ok, detail) = match tokio::time::timeout(self.cfg.hook_timeout, cmd.output()).await {
-                Err(_) => (false, format!("timed out after {:?}", self.cfg.hook_timeout)),
+            let (ok, detail) = match tokio::time::timeout(self.cfg.hook_timeout, cmd.output()).await
+            {
+                Err(_) => (
+                    false,
+                    format!("timed out after {:?}", self.cfg.hook_timeout),
+                ),
                 Ok(Err(e)) => (false, format!("cannot run: {e}")),
                 Ok(Ok(o)) if o.status.success() => (true, "ok".to_owned()),
-                Ok(Ok(o)) => (false, format!("{}: {}", o.status, String::from_utf8_lossy(&o.stderr).trim())),
+                Ok(Ok(o)) => (
+                    false,
+                    format!(
+                        "{}: {}",
+                        o.status,
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ),
+                ),
             };
-            HookOutcome { program, ok, detail }
+            HookOutcome {
+                program,
+                ok,
+                detail,
+            }
         });
         futures::future::join_all(runs).await
     }
@@ -250,13 +284,13 @@ impl FenceTask {
                             continue;
                         }
                         let renewed = *self.lease.borrow_and_update();
-                        if let Some(d) = renewed {
-                            if d > Instant::now() {
-                                if state == Armed::Fired {
-                                    info!("lease granted again; fence re-armed (an existing fence stays until unfence)");
-                                }
-                                state = Armed::Until(d);
+                        if let Some(d) = renewed
+                            && d > Instant::now()
+                        {
+                            if state == Armed::Fired {
+                                info!("lease granted again; fence re-armed (an existing fence stays until unfence)");
                             }
+                            state = Armed::Until(d);
                         }
                     }
                     _ = sleep => {
@@ -290,7 +324,16 @@ mod tests {
         // run_as = current user, so no user lookup is needed in unit tests
         cfg.run_as = "root".into();
         let pg = Arc::new(PgInstance::with_env(cfg, Default::default()).unwrap());
-        Arc::new(Fencer::new(pg, FenceConfig { stop_writes_hooks: hooks, ..Default::default() }).unwrap())
+        Arc::new(
+            Fencer::new(
+                pg,
+                FenceConfig {
+                    stop_writes_hooks: hooks,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        )
     }
 
     /// On a stopped data dir the fence writes the marker and runs the hooks, without
@@ -299,20 +342,32 @@ mod tests {
     async fn lease_expiry_marks_and_runs_hooks() {
         let d = tempfile::tempdir().unwrap();
         let flag = d.path().join("hook-ran");
-        let f = fencer(d.path(), vec![vec!["/bin/sh".into(), "-c".into(), format!("echo $DR_FENCE_REASON > {}", flag.display())]]);
+        let f = fencer(
+            d.path(),
+            vec![vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!("echo $DR_FENCE_REASON > {}", flag.display()),
+            ]],
+        );
         let (tx, rx) = watch::channel(Some(Instant::now() + Duration::from_millis(200)));
         let cancel = CancellationToken::new();
         let task = tokio::spawn(FenceTask::new(f.clone(), rx).run(cancel.clone()));
         // renewals keep it alive
         for _ in 0..3 {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            tx.send(Some(Instant::now() + Duration::from_millis(200))).unwrap();
+            tx.send(Some(Instant::now() + Duration::from_millis(200)))
+                .unwrap();
         }
         assert!(f.pg().fence_marker().unwrap().is_none());
         tokio::time::sleep(Duration::from_millis(400)).await;
         let m = f.pg().fence_marker().unwrap().expect("fenced after expiry");
         assert!(m.reason.contains("lease expired"));
-        assert!(std::fs::read_to_string(&flag).unwrap().contains("lease expired"));
+        assert!(
+            std::fs::read_to_string(&flag)
+                .unwrap()
+                .contains("lease expired")
+        );
         cancel.cancel();
         task.await.unwrap().unwrap();
     }
@@ -328,6 +383,15 @@ mod tests {
         assert!(!r.was_running);
         assert_eq!(r.hooks.len(), 1);
         assert!(!r.hooks[0].ok);
-        assert!(Fencer::new(f.pg().clone(), FenceConfig { stop_writes_hooks: vec![vec![]], ..Default::default() }).is_err());
+        assert!(
+            Fencer::new(
+                f.pg().clone(),
+                FenceConfig {
+                    stop_writes_hooks: vec![vec![]],
+                    ..Default::default()
+                }
+            )
+            .is_err()
+        );
     }
 }

@@ -35,8 +35,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
-use sqlx::{ConnectOptions, Connection, Row};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, Connection, Row};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -62,17 +62,29 @@ pub enum PgError {
     #[error("cannot run {program}: {reason}")]
     Spawn { program: String, reason: String },
     #[error("{program} failed (exit {code:?}): {stderr}")]
-    Command { program: String, code: Option<i32>, stderr: String },
+    Command {
+        program: String,
+        code: Option<i32>,
+        stderr: String,
+    },
     #[error("timed out after {after:?} waiting for {what}")]
     Timeout { what: String, after: Duration },
     #[error("{what}: {reason}")]
     Io { what: String, reason: String },
     #[error("marker file {path}: {reason}")]
     Marker { path: PathBuf, reason: String },
-    #[error("epoch {given} is older than epoch {current} already seen by this data dir: the command comes from a deposed leader")]
+    #[error(
+        "epoch {given} is older than epoch {current} already seen by this data dir: the command comes from a deposed leader"
+    )]
     StaleEpoch { given: Epoch, current: Epoch },
-    #[error("PostgreSQL is fenced since {since} ({reason}); run unfence with epoch >= {epoch} after making sure another primary is not running")]
-    Fenced { reason: String, since: String, epoch: Epoch },
+    #[error(
+        "PostgreSQL is fenced since {since} ({reason}); run unfence with epoch >= {epoch} after making sure another primary is not running"
+    )]
+    Fenced {
+        reason: String,
+        since: String,
+        epoch: Epoch,
+    },
     #[error("PostgreSQL is not running in {data_dir}")]
     NotRunning { data_dir: PathBuf },
     #[error("PostgreSQL is not in recovery (it is a primary): {what}")]
@@ -80,7 +92,11 @@ pub enum PgError {
     #[error("PostgreSQL is in recovery (a replica): {what}")]
     InRecovery { what: String },
     #[error("{what}: {source}")]
-    Query { what: String, #[source] source: sqlx::Error },
+    Query {
+        what: String,
+        #[source]
+        source: sqlx::Error,
+    },
     #[error("unexpected answer to {what}: {reason}")]
     Unexpected { what: String, reason: String },
     #[error("invalid replication slot name {name:?}: use 1-63 of [a-z0-9_]")]
@@ -106,7 +122,10 @@ impl PgError {
     }
 
     fn query(what: &str) -> impl FnOnce(sqlx::Error) -> PgError + '_ {
-        move |source| PgError::Query { what: what.to_owned(), source }
+        move |source| PgError::Query {
+            what: what.to_owned(),
+            source,
+        }
     }
 }
 
@@ -181,7 +200,13 @@ impl PgInstance {
         cfg.validate()?;
         let runner = Runner::new(&cfg.bin_dir, &cfg.run_as);
         let markers = Markers::new(&cfg.data_dir).with_owner(runner.owner()?);
-        Ok(Self { cfg, env, runner, markers, op_lock: tokio::sync::Mutex::new(()) })
+        Ok(Self {
+            cfg,
+            env,
+            runner,
+            markers,
+            op_lock: tokio::sync::Mutex::new(()),
+        })
     }
 
     pub fn config(&self) -> &PgConfig {
@@ -198,7 +223,10 @@ impl PgInstance {
     pub fn check_epoch(&self, epoch: Epoch) -> PgResult<()> {
         let current = self.markers.epoch()?;
         if epoch < current {
-            return Err(PgError::StaleEpoch { given: epoch, current });
+            return Err(PgError::StaleEpoch {
+                given: epoch,
+                current,
+            });
         }
         Ok(())
     }
@@ -220,9 +248,19 @@ impl PgInstance {
         let text = match std::fs::read_to_string(&p) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(PgError::Io { what: format!("read {}", p.display()), reason: e.to_string() }),
+            Err(e) => {
+                return Err(PgError::Io {
+                    what: format!("read {}", p.display()),
+                    reason: e.to_string(),
+                });
+            }
         };
-        let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok()).filter(|p| *p > 0) else {
+        let Some(pid) = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+            .filter(|p| *p > 0)
+        else {
             // Being written right now, or garbage: treat as running to stay on the safe side
             // only if the file is fresh; a garbage file makes pg_ctl complain anyway.
             return Ok(None);
@@ -261,7 +299,10 @@ impl PgInstance {
         let t = self.cfg.connect_timeout;
         tokio::time::timeout(t, opts.connect())
             .await
-            .map_err(|_| PgError::Timeout { what: "a connection to PostgreSQL".into(), after: t })?
+            .map_err(|_| PgError::Timeout {
+                what: "a connection to PostgreSQL".into(),
+                after: t,
+            })?
             .map_err(PgError::query("connect to PostgreSQL"))
     }
 
@@ -307,12 +348,18 @@ impl PgInstance {
 
     async fn query_status(&self, s: &mut PgStatus) -> PgResult<()> {
         let mut c = self.connect().await?;
-        let row = sqlx::query("select pg_is_in_recovery(), (select system_identifier from pg_control_system())::text")
-            .fetch_one(&mut c)
-            .await
-            .map_err(PgError::query("query recovery state"))?;
-        let rec: bool = row.try_get(0).map_err(PgError::query("read pg_is_in_recovery"))?;
-        let sysid: String = row.try_get(1).map_err(PgError::query("read system identifier"))?;
+        let row = sqlx::query(
+            "select pg_is_in_recovery(), (select system_identifier from pg_control_system())::text",
+        )
+        .fetch_one(&mut c)
+        .await
+        .map_err(PgError::query("query recovery state"))?;
+        let rec: bool = row
+            .try_get(0)
+            .map_err(PgError::query("read pg_is_in_recovery"))?;
+        let sysid: String = row
+            .try_get(1)
+            .map_err(PgError::query("read system identifier"))?;
         s.system_identifier = sysid.parse().ok();
         s.in_recovery = Some(rec);
         if !rec {
@@ -329,7 +376,13 @@ impl PgInstance {
             .await
             .map_err(PgError::query("query pg_stat_replication"))?;
             for r in rows {
-                let lsn_at = |i: usize| -> Option<Lsn> { r.try_get::<Option<String>, _>(i).ok().flatten()?.parse().ok() };
+                let lsn_at = |i: usize| -> Option<Lsn> {
+                    r.try_get::<Option<String>, _>(i)
+                        .ok()
+                        .flatten()?
+                        .parse()
+                        .ok()
+                };
                 let replay = lsn_at(6);
                 s.replication.push(ReplicationClient {
                     application_name: r.try_get(0).unwrap_or_default(),
@@ -355,11 +408,27 @@ impl PgInstance {
             .fetch_one(&mut c)
             .await
             .map_err(PgError::query("query replay position"))?;
-            s.receive_lsn = r.try_get::<Option<String>, _>(0).ok().flatten().and_then(|t| t.parse().ok());
-            s.replay_lsn = r.try_get::<Option<String>, _>(1).ok().flatten().and_then(|t| t.parse().ok());
-            s.last_replay_at = r.try_get::<Option<f64>, _>(2).ok().flatten().and_then(unix_to_utc);
+            s.receive_lsn = r
+                .try_get::<Option<String>, _>(0)
+                .ok()
+                .flatten()
+                .and_then(|t| t.parse().ok());
+            s.replay_lsn = r
+                .try_get::<Option<String>, _>(1)
+                .ok()
+                .flatten()
+                .and_then(|t| t.parse().ok());
+            s.last_replay_at = r
+                .try_get::<Option<f64>, _>(2)
+                .ok()
+                .flatten()
+                .and_then(unix_to_utc);
             s.replay_lag_seconds = r.try_get::<Option<f64>, _>(3).ok().flatten();
-            s.timeline = r.try_get::<Option<i32>, _>(4).ok().flatten().and_then(|t| u32::try_from(t).ok());
+            s.timeline = r
+                .try_get::<Option<i32>, _>(4)
+                .ok()
+                .flatten()
+                .and_then(|t| u32::try_from(t).ok());
             let w = sqlx::query(
                 "select status, coalesce(sender_host, ''), coalesce(sender_port, 0), coalesce(slot_name, ''),
                         received_tli, flushed_lsn::text, extract(epoch from last_msg_receipt_time)::float8
@@ -369,7 +438,12 @@ impl PgInstance {
             .await
             .map_err(PgError::query("query pg_stat_wal_receiver"))?;
             if let Some(w) = w {
-                let tli = w.try_get::<Option<i32>, _>(4).ok().flatten().and_then(|t| u32::try_from(t).ok()).unwrap_or(0);
+                let tli = w
+                    .try_get::<Option<i32>, _>(4)
+                    .ok()
+                    .flatten()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .unwrap_or(0);
                 if tli > 0 {
                     s.timeline = Some(s.timeline.map_or(tli, |t| t.max(tli)));
                 }
@@ -379,8 +453,16 @@ impl PgInstance {
                     sender_port: w.try_get(2).unwrap_or_default(),
                     slot_name: w.try_get(3).unwrap_or_default(),
                     received_timeline: tli,
-                    flushed_lsn: w.try_get::<Option<String>, _>(5).ok().flatten().and_then(|t| t.parse().ok()),
-                    last_msg_receipt: w.try_get::<Option<f64>, _>(6).ok().flatten().and_then(unix_to_utc),
+                    flushed_lsn: w
+                        .try_get::<Option<String>, _>(5)
+                        .ok()
+                        .flatten()
+                        .and_then(|t| t.parse().ok()),
+                    last_msg_receipt: w
+                        .try_get::<Option<f64>, _>(6)
+                        .ok()
+                        .flatten()
+                        .and_then(unix_to_utc),
                 });
             }
         }
@@ -395,9 +477,17 @@ impl PgInstance {
     pub async fn controldata(&self) -> PgResult<ControlData> {
         let out = self
             .runner
-            .run_ok("pg_controldata", &[self.cfg.data_dir.clone().into()], &[], Duration::from_secs(30))
+            .run_ok(
+                "pg_controldata",
+                &[self.cfg.data_dir.clone().into()],
+                &[],
+                Duration::from_secs(30),
+            )
             .await?;
-        ControlData::parse(&out.stdout).map_err(|reason| PgError::Unexpected { what: "pg_controldata".into(), reason })
+        ControlData::parse(&out.stdout).map_err(|reason| PgError::Unexpected {
+            what: "pg_controldata".into(),
+            reason,
+        })
     }
 
     /// Starts the server and waits until it accepts connections. Idempotent.
@@ -407,14 +497,16 @@ impl PgInstance {
     /// able to come back as a replica after `rewind`.
     pub async fn start(&self) -> PgResult<()> {
         let _g = self.op_lock.lock().await;
-        self.start_locked().instrument(info_span!("pg_start", cluster = %self.cfg.cluster)).await
+        self.start_locked()
+            .instrument(info_span!("pg_start", cluster = %self.cfg.cluster))
+            .await
     }
 
     fn refuse_if_fenced_primary(&self) -> PgResult<()> {
-        if let Some(m) = self.markers.fence()? {
-            if !self.standby_signal().is_file() {
-                return Err(fenced_error(&m));
-            }
+        if let Some(m) = self.markers.fence()?
+            && !self.standby_signal().is_file()
+        {
+            return Err(fenced_error(&m));
         }
         Ok(())
     }
@@ -428,7 +520,11 @@ impl PgInstance {
         if let Some(unit) = &self.cfg.systemd_unit {
             systemctl(&["start", unit], self.cfg.start_timeout).await?;
         } else {
-            let mut opts = format!("-p {} -k '{}'", self.cfg.port, self.cfg.socket_dir.display());
+            let mut opts = format!(
+                "-p {} -k '{}'",
+                self.cfg.port,
+                self.cfg.socket_dir.display()
+            );
             if let Some(h) = &self.cfg.listen_host {
                 opts.push_str(&format!(" -h '{h}'"));
             }
@@ -444,18 +540,31 @@ impl PgInstance {
                 "-o".into(),
                 opts.into(),
             ];
-            if let Err(e) = self.runner.run_ok("pg_ctl", &args, &[], self.cfg.start_timeout + Duration::from_secs(10)).await {
+            if let Err(e) = self
+                .runner
+                .run_ok(
+                    "pg_ctl",
+                    &args,
+                    &[],
+                    self.cfg.start_timeout + Duration::from_secs(10),
+                )
+                .await
+            {
                 return Err(PgError::Command {
                     program: "pg_ctl start".into(),
                     code: None,
-                    stderr: format!("{e}\n--- server log tail ---\n{}", log_tail(&self.cfg.log_file())),
+                    stderr: format!(
+                        "{e}\n--- server log tail ---\n{}",
+                        log_tail(&self.cfg.log_file())
+                    ),
                 });
             }
         }
         // A fence that raced with us (marker written after our check) wins.
         if let Err(e) = self.refuse_if_fenced_primary() {
             warn!("fenced while starting, stopping again");
-            self.stop_locked(StopMode::Immediate, self.cfg.stop_timeout).await?;
+            self.stop_locked(StopMode::Immediate, self.cfg.stop_timeout)
+                .await?;
             return Err(e);
         }
         Ok(())
@@ -491,7 +600,10 @@ impl PgInstance {
             let deadline = tokio::time::Instant::now() + fast_bound;
             while self.is_running()? {
                 if tokio::time::Instant::now() > deadline {
-                    return Err(PgError::Timeout { what: "the postmaster to die".into(), after: fast_bound });
+                    return Err(PgError::Timeout {
+                        what: "the postmaster to die".into(),
+                        after: fast_bound,
+                    });
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -520,10 +632,17 @@ impl PgInstance {
                     "-t".into(),
                     timeout.as_secs().max(1).to_string().into(),
                 ];
-                let out = self.runner.run("pg_ctl", &args, &[], timeout + Duration::from_secs(5)).await?;
+                let out = self
+                    .runner
+                    .run("pg_ctl", &args, &[], timeout + Duration::from_secs(5))
+                    .await?;
                 // Exit 1 with "PID file does not exist" = it stopped meanwhile: fine.
                 if out.code != Some(0) && self.is_running()? {
-                    return Err(PgError::Command { program: "pg_ctl stop".into(), code: out.code, stderr: out.stderr });
+                    return Err(PgError::Command {
+                        program: "pg_ctl stop".into(),
+                        code: out.code,
+                        stderr: out.stderr,
+                    });
                 }
             }
         }
@@ -535,7 +654,12 @@ impl PgInstance {
 
     /// Waits until this replica has replayed `lsn`; returns the replay LSN reached.
     /// Cancel safety: read-only, safe to drop.
-    pub async fn wait_replay(&self, lsn: Lsn, timeout: Duration, cancel: &CancellationToken) -> PgResult<Lsn> {
+    pub async fn wait_replay(
+        &self,
+        lsn: Lsn,
+        timeout: Duration,
+        cancel: &CancellationToken,
+    ) -> PgResult<Lsn> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut conn: Option<PgConnection> = None;
         let mut last = None;
@@ -550,12 +674,19 @@ impl PgInstance {
                         .await
                     {
                         Ok(r) => {
-                            let rec: bool = r.try_get(0).map_err(PgError::query("read pg_is_in_recovery"))?;
+                            let rec: bool = r
+                                .try_get(0)
+                                .map_err(PgError::query("read pg_is_in_recovery"))?;
                             if !rec {
-                                return Err(PgError::NotInRecovery { what: format!("cannot wait for replay of {lsn}") });
+                                return Err(PgError::NotInRecovery {
+                                    what: format!("cannot wait for replay of {lsn}"),
+                                });
                             }
-                            let replay: Option<Lsn> =
-                                r.try_get::<Option<String>, _>(1).ok().flatten().and_then(|t| t.parse().ok());
+                            let replay: Option<Lsn> = r
+                                .try_get::<Option<String>, _>(1)
+                                .ok()
+                                .flatten()
+                                .and_then(|t| t.parse().ok());
                             if let Some(replay) = replay {
                                 last = Some(replay);
                                 if replay >= lsn {
@@ -572,7 +703,10 @@ impl PgInstance {
                 }
                 if tokio::time::Instant::now() >= deadline {
                     return Err(PgError::Timeout {
-                        what: format!("replay of {lsn} (reached {})", last.map_or("nothing".to_owned(), |l: Lsn| l.to_string())),
+                        what: format!(
+                            "replay of {lsn} (reached {})",
+                            last.map_or("nothing".to_owned(), |l: Lsn| l.to_string())
+                        ),
                         after: timeout,
                     });
                 }
@@ -599,7 +733,9 @@ impl PgInstance {
             // refuses anything older.
             self.markers.raise_epoch(epoch)?;
             if !self.is_running()? {
-                return Err(PgError::NotRunning { data_dir: self.cfg.data_dir.clone() });
+                return Err(PgError::NotRunning {
+                    data_dir: self.cfg.data_dir.clone(),
+                });
             }
             let mut c = self.connect().await?;
             let rec: bool = sqlx::query_scalar("select pg_is_in_recovery()")
@@ -613,13 +749,19 @@ impl PgInstance {
                     .await
                     .map_err(PgError::query("pg_promote"))?;
                 if !ok {
-                    return Err(PgError::Timeout { what: "promotion (pg_promote returned false)".into(), after: Duration::from_secs(60) });
+                    return Err(PgError::Timeout {
+                        what: "promotion (pg_promote returned false)".into(),
+                        after: Duration::from_secs(60),
+                    });
                 }
                 // PostgreSQL 15 records the new timeline in pg_control only at the first
                 // checkpoint after promotion, and pg_rewind reads the source's timeline from
                 // there: without this, rewinding the old primary onto us says "no rewind
                 // required" and leaves it on the dead timeline (Patroni does the same).
-                sqlx::query("checkpoint").execute(&mut c).await.map_err(PgError::query("checkpoint after promote"))?;
+                sqlx::query("checkpoint")
+                    .execute(&mut c)
+                    .await
+                    .map_err(PgError::query("checkpoint after promote"))?;
             } else {
                 info!("already primary");
             }
@@ -635,11 +777,13 @@ impl PgInstance {
     pub async fn create_replication_slot(&self, name: &str) -> PgResult<()> {
         validate_slot(name)?;
         let mut c = self.connect().await?;
-        let exists: bool = sqlx::query_scalar("select exists(select 1 from pg_replication_slots where slot_name = $1)")
-            .bind(name)
-            .fetch_one(&mut c)
-            .await
-            .map_err(PgError::query("query pg_replication_slots"))?;
+        let exists: bool = sqlx::query_scalar(
+            "select exists(select 1 from pg_replication_slots where slot_name = $1)",
+        )
+        .bind(name)
+        .fetch_one(&mut c)
+        .await
+        .map_err(PgError::query("query pg_replication_slots"))?;
         if !exists {
             sqlx::query("select pg_create_physical_replication_slot($1, true)")
                 .bind(name)
@@ -666,7 +810,10 @@ impl PgInstance {
     /// `CHECKPOINT` (a restartpoint on a replica).
     pub async fn checkpoint(&self) -> PgResult<()> {
         let mut c = self.connect().await?;
-        sqlx::query("checkpoint").execute(&mut c).await.map_err(PgError::query("checkpoint"))?;
+        sqlx::query("checkpoint")
+            .execute(&mut c)
+            .await
+            .map_err(PgError::query("checkpoint"))?;
         Ok(())
     }
 
@@ -678,12 +825,20 @@ impl PgInstance {
             .fetch_one(&mut c)
             .await
             .map_err(PgError::query("pg_switch_wal"))?;
-        t.parse().map_err(|e: lsn::LsnParseError| PgError::Unexpected { what: "pg_switch_wal".into(), reason: e.to_string() })
+        t.parse()
+            .map_err(|e: lsn::LsnParseError| PgError::Unexpected {
+                what: "pg_switch_wal".into(),
+                reason: e.to_string(),
+            })
     }
 
     /// Writes the fence marker (before anything else in a fence).
     pub fn mark_fenced(&self, reason: &str) -> PgResult<FenceMarker> {
-        let m = FenceMarker { reason: reason.to_owned(), fenced_at: chrono::Utc::now(), epoch: self.markers.epoch()? };
+        let m = FenceMarker {
+            reason: reason.to_owned(),
+            fenced_at: chrono::Utc::now(),
+            epoch: self.markers.epoch()?,
+        };
         self.markers.set_fence(&m)?;
         Ok(m)
     }
@@ -713,14 +868,26 @@ fn stop_report(was_running: bool, cd: ControlData) -> StopReport {
 }
 
 fn fenced_error(m: &FenceMarker) -> PgError {
-    PgError::Fenced { reason: m.reason.clone(), since: m.fenced_at.to_rfc3339(), epoch: m.epoch }
+    PgError::Fenced {
+        reason: m.reason.clone(),
+        since: m.fenced_at.to_rfc3339(),
+        epoch: m.epoch,
+    }
 }
 
 fn validate_slot(name: &str) -> PgResult<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if ok { Ok(()) } else { Err(PgError::SlotName { name: name.to_owned() }) }
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(PgError::SlotName {
+            name: name.to_owned(),
+        })
+    }
 }
 
 fn unix_to_utc(secs: f64) -> Option<chrono::DateTime<chrono::Utc>> {
@@ -737,7 +904,11 @@ async fn current_lsn(c: &mut PgConnection) -> PgResult<Lsn> {
         .fetch_one(c)
         .await
         .map_err(PgError::query("pg_current_wal_lsn"))?;
-    t.parse().map_err(|e: lsn::LsnParseError| PgError::Unexpected { what: "pg_current_wal_lsn".into(), reason: e.to_string() })
+    t.parse()
+        .map_err(|e: lsn::LsnParseError| PgError::Unexpected {
+            what: "pg_current_wal_lsn".into(),
+            reason: e.to_string(),
+        })
 }
 
 /// The timeline a primary writes on: the first 8 hex digits of its current WAL file name
@@ -749,14 +920,29 @@ async fn primary_timeline(c: &mut PgConnection) -> PgResult<u32> {
         .map_err(PgError::query("pg_walfile_name"))?;
     name.get(..8)
         .and_then(|h| u32::from_str_radix(h, 16).ok())
-        .ok_or_else(|| PgError::Unexpected { what: "pg_walfile_name".into(), reason: format!("{name:?}") })
+        .ok_or_else(|| PgError::Unexpected {
+            what: "pg_walfile_name".into(),
+            reason: format!("{name:?}"),
+        })
 }
 
 async fn systemctl(args: &[&str], timeout: Duration) -> PgResult<()> {
-    let out = tokio::time::timeout(timeout, tokio::process::Command::new("systemctl").args(args).kill_on_drop(true).output())
-        .await
-        .map_err(|_| PgError::Timeout { what: format!("systemctl {}", args.join(" ")), after: timeout })?
-        .map_err(|e| PgError::Spawn { program: "systemctl".into(), reason: e.to_string() })?;
+    let out = tokio::time::timeout(
+        timeout,
+        tokio::process::Command::new("systemctl")
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| PgError::Timeout {
+        what: format!("systemctl {}", args.join(" ")),
+        after: timeout,
+    })?
+    .map_err(|e| PgError::Spawn {
+        program: "systemctl".into(),
+        reason: e.to_string(),
+    })?;
     if out.status.success() {
         Ok(())
     } else {

@@ -22,7 +22,8 @@ async fn primary_and_replica() -> (Node, Node) {
     p.pg.start().await.unwrap(); // idempotent
     p.pg.create_replication_slot("shanghai").await.unwrap();
     p.pg.create_replication_slot("shanghai").await.unwrap(); // idempotent
-    p.exec("create table t (id serial primary key, v text)").await;
+    p.exec("create table t (id serial primary key, v text)")
+        .await;
     let r = Node::empty("shanghai");
     r.pg.reseed(&p.conninfo(), Some("shanghai")).await.unwrap();
     (p, r)
@@ -37,12 +38,18 @@ async fn t10_switchover_rewind_and_epochs() {
 
     info!("--- status and facts on both");
     {
-        old.exec("insert into t (v) select 'a' from generate_series(1, 100)").await;
+        old.exec("insert into t (v) select 'a' from generate_series(1, 100)")
+            .await;
         let target = old.pg.status().await.unwrap().current_lsn.unwrap();
-        new.pg.wait_replay(target, Duration::from_secs(10), &CancellationToken::new()).await.unwrap();
-        wait_until("the primary to see its replica", Duration::from_secs(10), || async {
-            old.pg.status().await.unwrap().replication.len() == 1
-        })
+        new.pg
+            .wait_replay(target, Duration::from_secs(10), &CancellationToken::new())
+            .await
+            .unwrap();
+        wait_until(
+            "the primary to see its replica",
+            Duration::from_secs(10),
+            || async { old.pg.status().await.unwrap().replication.len() == 1 },
+        )
         .await;
         let ps = old.pg.status().await.unwrap();
         assert_eq!(ps.role(), Role::Primary);
@@ -52,7 +59,11 @@ async fn t10_switchover_rewind_and_epochs() {
         assert_eq!(pf["role"], "primary");
         assert_eq!(pf["epoch"], "1");
         assert_eq!(pf["timeline"], "1");
-        assert!(pf.contains_key("lsn") && pf.contains_key("lag_bytes") && pf.contains_key("lag_seconds"));
+        assert!(
+            pf.contains_key("lsn")
+                && pf.contains_key("lag_bytes")
+                && pf.contains_key("lag_seconds")
+        );
 
         let rs = new.pg.status().await.unwrap();
         assert_eq!(rs.role(), Role::Replica);
@@ -70,7 +81,8 @@ async fn t10_switchover_rewind_and_epochs() {
     info!("--- planned switchover: writes, clean stop, wait for the final LSN, promote");
     let final_lsn;
     {
-        old.exec("insert into t (v) select 'b' from generate_series(1, 1000)").await;
+        old.exec("insert into t (v) select 'b' from generate_series(1, 1000)")
+            .await;
         let stop = old.pg.stop(StopMode::Fast).await.unwrap();
         assert!(stop.was_running && stop.clean, "{stop:?}");
         let again = old.pg.stop(StopMode::Fast).await.unwrap(); // idempotent
@@ -79,11 +91,23 @@ async fn t10_switchover_rewind_and_epochs() {
         final_lsn = stop.checkpoint_lsn;
         assert_eq!(old.pg.status().await.unwrap().facts()["role"], "stopped");
 
-        let replayed = new.pg.wait_replay(final_lsn, Duration::from_secs(10), &CancellationToken::new()).await.unwrap();
+        let replayed = new
+            .pg
+            .wait_replay(
+                final_lsn,
+                Duration::from_secs(10),
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap();
         assert!(replayed >= final_lsn);
         let tl = new.pg.promote(Epoch(2)).await.unwrap();
         assert_eq!(tl, 2);
-        assert_eq!(new.pg.promote(Epoch(2)).await.unwrap(), 2, "promote is idempotent");
+        assert_eq!(
+            new.pg.promote(Epoch(2)).await.unwrap(),
+            2,
+            "promote is idempotent"
+        );
         assert_eq!(new.count("t").await, 1100, "nothing lost");
         let s = new.pg.status().await.unwrap();
         assert_eq!(s.role(), Role::Primary);
@@ -93,7 +117,16 @@ async fn t10_switchover_rewind_and_epochs() {
     info!("--- a deposed leader's older epoch is refused");
     {
         let e = new.pg.promote(Epoch(1)).await.unwrap_err();
-        assert!(matches!(e, PgError::StaleEpoch { given: Epoch(1), current: Epoch(2) }), "{e}");
+        assert!(
+            matches!(
+                e,
+                PgError::StaleEpoch {
+                    given: Epoch(1),
+                    current: Epoch(2)
+                }
+            ),
+            "{e}"
+        );
         assert!(e.is_permanent());
         assert!(new.pg.check_epoch(Epoch(1)).is_err());
         new.pg.check_epoch(Epoch(2)).unwrap();
@@ -106,25 +139,45 @@ async fn t10_switchover_rewind_and_epochs() {
         // Make the old primary diverge (as after a failover where it kept running): the
         // write it takes on timeline 1 must be thrown away by the rewind.
         old.pg.start().await.unwrap();
-        old.exec("insert into t (v) values ('split-brain write, lost')").await;
+        old.exec("insert into t (v) values ('split-brain write, lost')")
+            .await;
         old.pg.observe_epoch(Epoch(2)).unwrap();
-        old.pg.rewind(&new.conninfo(), Some("beijing")).await.unwrap();
-        assert_eq!(old.pg.epoch().unwrap(), Epoch(2), "the target keeps its own epoch across pg_rewind");
+        old.pg
+            .rewind(&new.conninfo(), Some("beijing"))
+            .await
+            .unwrap();
+        assert_eq!(
+            old.pg.epoch().unwrap(),
+            Epoch(2),
+            "the target keeps its own epoch across pg_rewind"
+        );
         new.exec("insert into t (v) values ('new-write')").await;
         let target = new.pg.status().await.unwrap().current_lsn.unwrap();
-        old.pg.wait_replay(target, Duration::from_secs(15), &CancellationToken::new()).await.unwrap();
+        old.pg
+            .wait_replay(target, Duration::from_secs(15), &CancellationToken::new())
+            .await
+            .unwrap();
         assert_eq!(old.count("t").await, 1102);
         let mut c = old.conn().await;
-        let lost: i64 = sqlx::query_scalar("select count(*) from t where v like 'split-brain%'").fetch_one(&mut c).await.unwrap();
+        let lost: i64 = sqlx::query_scalar("select count(*) from t where v like 'split-brain%'")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
         assert_eq!(lost, 0, "the diverged write was rewound away");
         let s = old.pg.status().await.unwrap();
         assert_eq!(s.role(), Role::Replica);
         assert_eq!(s.timeline, Some(2));
         assert_eq!(s.wal_receiver.unwrap().slot_name, "beijing");
         // configure_standby on a running replica is idempotent (reload only)
-        old.pg.configure_standby(&new.conninfo(), Some("beijing")).await.unwrap();
+        old.pg
+            .configure_standby(&new.conninfo(), Some("beijing"))
+            .await
+            .unwrap();
         // the old primary, now a standby, refuses an old epoch too
-        assert!(matches!(old.pg.promote(Epoch(1)).await, Err(PgError::StaleEpoch { .. })));
+        assert!(matches!(
+            old.pg.promote(Epoch(1)).await,
+            Err(PgError::StaleEpoch { .. })
+        ));
         assert!(new.pg.switch_wal().await.unwrap() > Lsn::ZERO);
         new.pg.checkpoint().await.unwrap();
     }
@@ -149,7 +202,10 @@ async fn t20_lease_expiry_fences_primary() {
                 stop_writes_hooks: vec![vec![
                     "/bin/sh".into(),
                     "-c".into(),
-                    format!("echo \"$DR_CLUSTER: $DR_FENCE_REASON\" > {}", hook_flag.display()),
+                    format!(
+                        "echo \"$DR_CLUSTER: $DR_FENCE_REASON\" > {}",
+                        hook_flag.display()
+                    ),
                 ]],
                 ..Default::default()
             },
@@ -170,8 +226,16 @@ async fn t20_lease_expiry_fences_primary() {
 
     info!("--- renewals stop: the fence stops postgres");
     {
-        wait_until("the fence to stop postgres", Duration::from_secs(15), || async { !p.pg.is_running().unwrap() }).await;
-        wait_until("the hook to run", Duration::from_secs(5), || async { hook_flag.is_file() }).await;
+        wait_until(
+            "the fence to stop postgres",
+            Duration::from_secs(15),
+            || async { !p.pg.is_running().unwrap() },
+        )
+        .await;
+        wait_until("the hook to run", Duration::from_secs(5), || async {
+            hook_flag.is_file()
+        })
+        .await;
         let hook = std::fs::read_to_string(&hook_flag).unwrap();
         assert!(hook.starts_with("yeslocker: lease expired"), "{hook}");
         let m = p.pg.fence_marker().unwrap().unwrap();
@@ -183,12 +247,18 @@ async fn t20_lease_expiry_fences_primary() {
         assert!(matches!(e, PgError::Fenced { .. }), "{e}");
         assert!(e.to_string().contains("unfence"), "{e}");
         assert!(!p.pg.is_running().unwrap());
-        assert!(matches!(p.pg.promote(Epoch(9)).await, Err(PgError::Fenced { .. })));
+        assert!(matches!(
+            p.pg.promote(Epoch(9)).await,
+            Err(PgError::Fenced { .. })
+        ));
     }
 
     info!("--- unfence needs the current epoch; then start works");
     {
-        assert!(matches!(p.pg.unfence(Epoch(2)).await, Err(PgError::StaleEpoch { .. })));
+        assert!(matches!(
+            p.pg.unfence(Epoch(2)).await,
+            Err(PgError::StaleEpoch { .. })
+        ));
         assert!(p.pg.fence_marker().unwrap().is_some());
         p.pg.unfence(Epoch(3)).await.unwrap();
         p.pg.start().await.unwrap();
@@ -197,14 +267,24 @@ async fn t20_lease_expiry_fences_primary() {
 
     info!("--- explicit fence from the coordinator, while the lease is valid");
     {
-        tx.send(Some(Instant::now() + Duration::from_secs(60))).unwrap();
+        tx.send(Some(Instant::now() + Duration::from_secs(60)))
+            .unwrap();
         let r = fencer.fence("coordinator: region isolated").await.unwrap();
         assert!(r.was_running);
-        assert!(r.stop.unwrap().clean, "fast shutdown within the bound is clean");
+        assert!(
+            r.stop.unwrap().clean,
+            "fast shutdown within the bound is clean"
+        );
         assert!(r.hooks.iter().all(|h| h.ok));
         assert!(!p.pg.is_running().unwrap());
-        assert!(fencer.fence("again").await.unwrap().stop.is_none(), "idempotent");
-        assert_eq!(p.pg.fence_marker().unwrap().unwrap().reason, "coordinator: region isolated");
+        assert!(
+            fencer.fence("again").await.unwrap().stop.is_none(),
+            "idempotent"
+        );
+        assert_eq!(
+            p.pg.fence_marker().unwrap().unwrap().reason,
+            "coordinator: region isolated"
+        );
         assert!(p.pg.start().await.is_err());
     }
     cancel.cancel();

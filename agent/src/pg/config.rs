@@ -124,13 +124,20 @@ impl SecretSource {
 
 impl Default for SuperuserConfig {
     fn default() -> Self {
-        Self { user: d_superuser(), database: d_database(), password: None }
+        Self {
+            user: d_superuser(),
+            database: d_database(),
+            password: None,
+        }
     }
 }
 
 impl Default for ReplicationConfig {
     fn default() -> Self {
-        Self { user: d_replication_user(), password: None }
+        Self {
+            user: d_replication_user(),
+            password: None,
+        }
     }
 }
 
@@ -166,8 +173,17 @@ impl PgConfig {
             port,
             socket_dir,
             run_as,
-            superuser: SuperuserConfig { user, database, password: _ },
-            replication: ReplicationConfig { user: repl_user, password: _ },
+            superuser:
+                SuperuserConfig {
+                    user,
+                    database,
+                    password: _,
+                },
+            replication:
+                ReplicationConfig {
+                    user: repl_user,
+                    password: _,
+                },
             systemd_unit,
             application_name: _,
             log_file,
@@ -176,7 +192,10 @@ impl PgConfig {
             connect_timeout: _,
         } = self;
         let bad = |field: &str, why: &str| {
-            Err(PgError::Config { field: field.to_owned(), reason: why.to_owned() })
+            Err(PgError::Config {
+                field: field.to_owned(),
+                reason: why.to_owned(),
+            })
         };
         if cluster.is_empty() {
             return bad("cluster", "must not be empty");
@@ -197,22 +216,30 @@ impl PgConfig {
             ("listen_host", listen_host.clone().unwrap_or_default()),
             (
                 "log_file",
-                log_file.as_ref().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default(),
+                log_file
+                    .as_ref()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
             ),
         ] {
             if v.contains(['\'', '\n', '\0']) {
                 return bad(field, "must not contain quotes or newlines");
             }
         }
-        for (field, v) in [("run_as", run_as), ("superuser.user", user), ("replication.user", repl_user), ("superuser.database", database)] {
+        for (field, v) in [
+            ("run_as", run_as),
+            ("superuser.user", user),
+            ("replication.user", repl_user),
+            ("superuser.database", database),
+        ] {
             if v.is_empty() {
                 return bad(field, "must not be empty");
             }
         }
-        if let Some(u) = systemd_unit {
-            if u.is_empty() || u.contains(char::is_whitespace) {
-                return bad("systemd_unit", "must be a unit name");
-            }
+        if let Some(u) = systemd_unit
+            && (u.is_empty() || u.contains(char::is_whitespace))
+        {
+            return bad("systemd_unit", "must be a unit name");
         }
         Ok(())
     }
@@ -287,7 +314,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.stop_timeout, Duration::from_secs(30));
-        assert_eq!(c.replication.password, Some(SecretSource::File("/etc/dr/repl.pass".into())));
+        assert_eq!(
+            c.replication.password,
+            Some(SecretSource::File("/etc/dr/repl.pass".into()))
+        );
         c.validate().unwrap();
     }
 
@@ -303,8 +333,14 @@ mod tests {
     #[test]
     fn secret_from_env_map() {
         let env = BTreeMap::from([("P".to_owned(), "s3cret".to_owned())]);
-        assert_eq!(SecretSource::Env("P".into()).resolve(&env).unwrap(), "s3cret");
-        let e = SecretSource::Env("Q".into()).resolve(&env).unwrap_err().to_string();
+        assert_eq!(
+            SecretSource::Env("P".into()).resolve(&env).unwrap(),
+            "s3cret"
+        );
+        let e = SecretSource::Env("Q".into())
+            .resolve(&env)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("Q") && !e.contains("s3cret"));
     }
 }

@@ -21,28 +21,41 @@ impl Conninfo {
     pub fn parse(s: &str) -> PgResult<Self> {
         let s = s.trim();
         if s.is_empty() {
-            return Err(PgError::Conninfo { conninfo: String::new(), reason: "empty".into() });
+            return Err(PgError::Conninfo {
+                conninfo: String::new(),
+                reason: "empty".into(),
+            });
         }
         if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            return Ok(Self { raw: s.to_owned(), pairs: None });
+            return Ok(Self {
+                raw: s.to_owned(),
+                pairs: None,
+            });
         }
         let pairs = parse_pairs(s).map_err(|reason| PgError::Conninfo {
             conninfo: redact(s),
             reason: reason.into(),
         })?;
-        Ok(Self { raw: s.to_owned(), pairs: Some(pairs) })
+        Ok(Self {
+            raw: s.to_owned(),
+            pairs: Some(pairs),
+        })
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.pairs.as_ref()?.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.pairs
+            .as_ref()?
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Sets `key` unless the string already has it (URL forms are left unchanged).
     pub fn with_default(mut self, key: &str, value: &str) -> Self {
-        if let Some(pairs) = &mut self.pairs {
-            if !pairs.iter().any(|(k, _)| k == key) {
-                pairs.push((key.to_owned(), value.to_owned()));
-            }
+        if let Some(pairs) = &mut self.pairs
+            && !pairs.iter().any(|(k, _)| k == key)
+        {
+            pairs.push((key.to_owned(), value.to_owned()));
         }
         self
     }
@@ -65,7 +78,13 @@ impl Conninfo {
             None => self.clone(),
             Some(pairs) => Self {
                 raw: self.raw.clone(),
-                pairs: Some(pairs.iter().filter(|(k, _)| k != "password").cloned().collect()),
+                pairs: Some(
+                    pairs
+                        .iter()
+                        .filter(|(k, _)| k != "password")
+                        .cloned()
+                        .collect(),
+                ),
             },
         }
     }
@@ -164,7 +183,13 @@ pub fn redact(s: &str) -> String {
     match parse_pairs(s) {
         Ok(pairs) => pairs
             .iter()
-            .map(|(k, v)| if k == "password" { format!("{k}=***") } else { format!("{k}={}", quote(v)) })
+            .map(|(k, v)| {
+                if k == "password" {
+                    format!("{k}=***")
+                } else {
+                    format!("{k}={}", quote(v))
+                }
+            })
             .collect::<Vec<_>>()
             .join(" "),
         // Unparseable: keep nothing after a `password` token.
@@ -192,7 +217,13 @@ fn redact_url(s: &str) -> String {
         Some((path, query)) => {
             let q: Vec<String> = query
                 .split('&')
-                .map(|kv| if kv.starts_with("password=") { "password=***".to_owned() } else { kv.to_owned() })
+                .map(|kv| {
+                    if kv.starts_with("password=") {
+                        "password=***".to_owned()
+                    } else {
+                        kv.to_owned()
+                    }
+                })
                 .collect();
             format!("{path}?{}", q.join("&"))
         }
@@ -207,11 +238,26 @@ mod tests {
 
     #[test]
     fn redacts_key_value_and_urls() {
-        assert_eq!(redact("host=a password=s3cret user=u"), "host=a password=*** user=u");
-        assert_eq!(redact("host=a password='s e c' user=u"), "host=a password=*** user=u");
-        assert_eq!(redact("host=a password='unterminated"), "host=a password=***");
-        assert_eq!(redact("postgresql://u:s3cret@h:5432/db?sslmode=require"), "postgresql://u:***@h:5432/db?sslmode=require");
-        assert_eq!(redact("postgres://h/db?user=u&password=s3cret"), "postgres://h/db?user=u&password=***");
+        assert_eq!(
+            redact("host=a password=s3cret user=u"),
+            "host=a password=*** user=u"
+        );
+        assert_eq!(
+            redact("host=a password='s e c' user=u"),
+            "host=a password=*** user=u"
+        );
+        assert_eq!(
+            redact("host=a password='unterminated"),
+            "host=a password=***"
+        );
+        assert_eq!(
+            redact("postgresql://u:s3cret@h:5432/db?sslmode=require"),
+            "postgresql://u:***@h:5432/db?sslmode=require"
+        );
+        assert_eq!(
+            redact("postgres://h/db?user=u&password=s3cret"),
+            "postgres://h/db?user=u&password=***"
+        );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
     }
 
@@ -223,11 +269,23 @@ mod tests {
             .with_default("port", "1")
             .with_default("password", "it's secret");
         assert_eq!(c.get("port"), Some("5433"));
-        assert_eq!(c.expose(), r"host=127.0.0.1 port=5433 user=repl password='it\'s secret'");
-        assert_eq!(c.to_string(), "host=127.0.0.1 port=5433 user=repl password=***");
+        assert_eq!(
+            c.expose(),
+            r"host=127.0.0.1 port=5433 user=repl password='it\'s secret'"
+        );
+        assert_eq!(
+            c.to_string(),
+            "host=127.0.0.1 port=5433 user=repl password=***"
+        );
         assert!(!format!("{c:?}").contains("secret"));
-        assert_eq!(Conninfo::parse(&c.expose()).unwrap().get("password"), Some("it's secret"));
-        assert_eq!(c.without_password().expose(), "host=127.0.0.1 port=5433 user=repl");
+        assert_eq!(
+            Conninfo::parse(&c.expose()).unwrap().get("password"),
+            Some("it's secret")
+        );
+        assert_eq!(
+            c.without_password().expose(),
+            "host=127.0.0.1 port=5433 user=repl"
+        );
         assert!(Conninfo::parse("host").is_err());
         assert!(Conninfo::parse("").is_err());
     }

@@ -24,7 +24,9 @@ pub const EPOCH_FILE: &str = "dr_epoch";
 pub const FENCE_FILE: &str = "dr_fenced";
 
 /// Fencing epoch of a database cluster (raised in the Raft log before every promotion).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Epoch(pub u64);
 
@@ -61,7 +63,10 @@ pub struct MarkerSnapshot {
 
 impl Markers {
     pub fn new(data_dir: &Path) -> Self {
-        Self { dir: data_dir.to_owned(), owner: None }
+        Self {
+            dir: data_dir.to_owned(),
+            owner: None,
+        }
     }
 
     pub fn with_owner(mut self, owner: Option<(nix::unistd::Uid, nix::unistd::Gid)>) -> Self {
@@ -73,12 +78,19 @@ impl Markers {
     pub fn epoch(&self) -> PgResult<Epoch> {
         let p = self.dir.join(EPOCH_FILE);
         match std::fs::read_to_string(&p) {
-            Ok(s) => s.trim().parse::<u64>().map(Epoch).map_err(|e| PgError::Marker {
-                path: p.clone(),
-                reason: format!("not an epoch: {e}"),
-            }),
+            Ok(s) => s
+                .trim()
+                .parse::<u64>()
+                .map(Epoch)
+                .map_err(|e| PgError::Marker {
+                    path: p.clone(),
+                    reason: format!("not an epoch: {e}"),
+                }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Epoch(0)),
-            Err(e) => Err(PgError::Marker { path: p, reason: e.to_string() }),
+            Err(e) => Err(PgError::Marker {
+                path: p,
+                reason: e.to_string(),
+            }),
         }
     }
 
@@ -86,10 +98,17 @@ impl Markers {
     pub fn raise_epoch(&self, epoch: Epoch) -> PgResult<Epoch> {
         let current = self.epoch()?;
         if epoch < current {
-            return Err(PgError::StaleEpoch { given: epoch, current });
+            return Err(PgError::StaleEpoch {
+                given: epoch,
+                current,
+            });
         }
         if epoch > current {
-            write_atomic(self.owner, &self.dir.join(EPOCH_FILE), format!("{}\n", epoch.0).as_bytes())?;
+            write_atomic(
+                self.owner,
+                &self.dir.join(EPOCH_FILE),
+                format!("{}\n", epoch.0).as_bytes(),
+            )?;
         }
         Ok(epoch)
     }
@@ -98,13 +117,18 @@ impl Markers {
         let p = self.dir.join(FENCE_FILE);
         match std::fs::read(&p) {
             // A marker we cannot parse still fences: presence is what counts.
-            Ok(b) => Ok(Some(serde_json::from_slice(&b).unwrap_or_else(|e| FenceMarker {
-                reason: format!("unreadable fence marker ({e})"),
-                fenced_at: DateTime::<Utc>::UNIX_EPOCH,
-                epoch: Epoch(u64::MAX),
+            Ok(b) => Ok(Some(serde_json::from_slice(&b).unwrap_or_else(|e| {
+                FenceMarker {
+                    reason: format!("unreadable fence marker ({e})"),
+                    fenced_at: DateTime::<Utc>::UNIX_EPOCH,
+                    epoch: Epoch(u64::MAX),
+                }
             }))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(PgError::Marker { path: p, reason: e.to_string() }),
+            Err(e) => Err(PgError::Marker {
+                path: p,
+                reason: e.to_string(),
+            }),
         }
     }
 
@@ -121,19 +145,29 @@ impl Markers {
         match std::fs::remove_file(&p) {
             Ok(()) => fsync_dir(&self.dir),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(PgError::Marker { path: p, reason: e.to_string() }),
+            Err(e) => Err(PgError::Marker {
+                path: p,
+                reason: e.to_string(),
+            }),
         }
     }
 
     pub fn snapshot(&self) -> PgResult<MarkerSnapshot> {
-        Ok(MarkerSnapshot { epoch: self.epoch()?, fence: self.fence()? })
+        Ok(MarkerSnapshot {
+            epoch: self.epoch()?,
+            fence: self.fence()?,
+        })
     }
 
     /// After a copy from another data dir: epoch = max(ours, copied), fence = ours.
     pub fn restore(&self, snap: &MarkerSnapshot) -> PgResult<()> {
         let copied = self.epoch().unwrap_or(Epoch(0));
         if snap.epoch > copied {
-            write_atomic(self.owner, &self.dir.join(EPOCH_FILE), format!("{}\n", snap.epoch.0).as_bytes())?;
+            write_atomic(
+                self.owner,
+                &self.dir.join(EPOCH_FILE),
+                format!("{}\n", snap.epoch.0).as_bytes(),
+            )?;
         }
         match &snap.fence {
             Some(m) => self.set_fence(m),
@@ -147,8 +181,14 @@ fn write_atomic(
     path: &Path,
     content: &[u8],
 ) -> PgResult<()> {
-    let err = |e: std::io::Error| PgError::Marker { path: path.to_owned(), reason: e.to_string() };
-    let dir = path.parent().ok_or_else(|| PgError::Marker { path: path.to_owned(), reason: "no parent".into() })?;
+    let err = |e: std::io::Error| PgError::Marker {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    };
+    let dir = path.parent().ok_or_else(|| PgError::Marker {
+        path: path.to_owned(),
+        reason: "no parent".into(),
+    })?;
     let tmp = path.with_extension("tmp");
     {
         let mut f = std::fs::File::create(&tmp).map_err(err)?;
@@ -156,8 +196,10 @@ fn write_atomic(
         f.sync_all().map_err(err)?;
     }
     if let Some((uid, gid)) = owner {
-        nix::unistd::chown(&tmp, Some(uid), Some(gid))
-            .map_err(|e| PgError::Marker { path: tmp.clone(), reason: format!("chown: {e}") })?;
+        nix::unistd::chown(&tmp, Some(uid), Some(gid)).map_err(|e| PgError::Marker {
+            path: tmp.clone(),
+            reason: format!("chown: {e}"),
+        })?;
     }
     std::fs::rename(&tmp, path).map_err(err)?;
     fsync_dir(dir)
@@ -166,7 +208,10 @@ fn write_atomic(
 fn fsync_dir(dir: &Path) -> PgResult<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| PgError::Marker { path: dir.to_owned(), reason: format!("fsync directory: {e}") })
+        .map_err(|e| PgError::Marker {
+            path: dir.to_owned(),
+            reason: format!("fsync directory: {e}"),
+        })
 }
 
 #[cfg(test)]
@@ -180,7 +225,10 @@ mod tests {
         assert_eq!(m.epoch().unwrap(), Epoch(0));
         m.raise_epoch(Epoch(3)).unwrap();
         m.raise_epoch(Epoch(3)).unwrap();
-        assert!(matches!(m.raise_epoch(Epoch(2)), Err(PgError::StaleEpoch { .. })));
+        assert!(matches!(
+            m.raise_epoch(Epoch(2)),
+            Err(PgError::StaleEpoch { .. })
+        ));
         assert_eq!(m.epoch().unwrap(), Epoch(3));
     }
 
@@ -189,7 +237,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let m = Markers::new(d.path());
         assert!(m.fence().unwrap().is_none());
-        let f = FenceMarker { reason: "lease expired".into(), fenced_at: Utc::now(), epoch: Epoch(4) };
+        let f = FenceMarker {
+            reason: "lease expired".into(),
+            fenced_at: Utc::now(),
+            epoch: Epoch(4),
+        };
         m.raise_epoch(Epoch(4)).unwrap();
         m.set_fence(&f).unwrap();
         let snap = m.snapshot().unwrap();
@@ -200,7 +252,10 @@ mod tests {
         assert_eq!(m.epoch().unwrap(), Epoch(4));
         assert_eq!(m.fence().unwrap(), Some(f));
         std::fs::write(d.path().join(FENCE_FILE), "garbage").unwrap();
-        assert!(m.fence().unwrap().is_some(), "an unreadable marker still fences");
+        assert!(
+            m.fence().unwrap().is_some(),
+            "an unreadable marker still fences"
+        );
         m.clear_fence().unwrap();
         m.clear_fence().unwrap();
         assert!(m.fence().unwrap().is_none());

@@ -37,7 +37,10 @@ impl Runner {
     pub fn new(bin_dir: &Path, run_as: &str) -> Self {
         let root = nix::unistd::geteuid().is_root();
         let run_as = (root && run_as != "root").then(|| run_as.to_owned());
-        Self { bin_dir: bin_dir.to_owned(), run_as }
+        Self {
+            bin_dir: bin_dir.to_owned(),
+            run_as,
+        }
     }
 
     pub fn run_as(&self) -> Option<&str> {
@@ -80,8 +83,14 @@ impl Runner {
         })?;
         let out = tokio::time::timeout(timeout, child.wait_with_output())
             .await
-            .map_err(|_| PgError::Timeout { what: format!("{prog} to finish"), after: timeout })?
-            .map_err(|e| PgError::Spawn { program: exe.display().to_string(), reason: e.to_string() })?;
+            .map_err(|_| PgError::Timeout {
+                what: format!("{prog} to finish"),
+                after: timeout,
+            })?
+            .map_err(|e| PgError::Spawn {
+                program: exe.display().to_string(),
+                reason: e.to_string(),
+            })?;
         Ok(Output {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -101,16 +110,25 @@ impl Runner {
         if out.code == Some(0) {
             Ok(out)
         } else {
-            Err(PgError::Command { program: prog.to_owned(), code: out.code, stderr: tail(&out.stderr, &out.stdout) })
+            Err(PgError::Command {
+                program: prog.to_owned(),
+                code: out.code,
+                stderr: tail(&out.stderr, &out.stdout),
+            })
         }
     }
 
     /// uid/gid of the run_as user when the agent is root (files the agent creates in the
     /// data dir must belong to it).
     pub fn owner(&self) -> PgResult<Option<(nix::unistd::Uid, nix::unistd::Gid)>> {
-        let Some(user) = &self.run_as else { return Ok(None) };
+        let Some(user) = &self.run_as else {
+            return Ok(None);
+        };
         let u = nix::unistd::User::from_name(user)
-            .map_err(|e| PgError::Io { what: format!("look up user {user}"), reason: e.to_string() })?
+            .map_err(|e| PgError::Io {
+                what: format!("look up user {user}"),
+                reason: e.to_string(),
+            })?
             .ok_or_else(|| PgError::Io {
                 what: format!("look up user {user}"),
                 reason: "no such user: create it or set [postgres] run_as".into(),
@@ -120,14 +138,22 @@ impl Runner {
 
     /// `chown` a path the agent created to the run_as user, so PostgreSQL can use it.
     pub fn chown_to_run_as(&self, path: &Path) -> PgResult<()> {
-        let Some((uid, gid)) = self.owner()? else { return Ok(()) };
-        nix::unistd::chown(path, Some(uid), Some(gid))
-            .map_err(|e| PgError::Io { what: format!("chown {}", path.display()), reason: e.to_string() })
+        let Some((uid, gid)) = self.owner()? else {
+            return Ok(());
+        };
+        nix::unistd::chown(path, Some(uid), Some(gid)).map_err(|e| PgError::Io {
+            what: format!("chown {}", path.display()),
+            reason: e.to_string(),
+        })
     }
 }
 
 fn tail(stderr: &str, stdout: &str) -> String {
-    let s = if stderr.trim().is_empty() { stdout } else { stderr };
+    let s = if stderr.trim().is_empty() {
+        stdout
+    } else {
+        stderr
+    };
     let lines: Vec<&str> = s.lines().rev().take(8).collect();
     lines.into_iter().rev().collect::<Vec<_>>().join("\n")
 }

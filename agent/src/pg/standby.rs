@@ -43,18 +43,29 @@ impl PgInstance {
     /// running replica only reloads; a running primary restarts as a standby, which is only
     /// safe if it has not diverged: the caller rewinds first); when stopped, they are written
     /// into postgresql.auto.conf.
-    pub async fn configure_standby(&self, primary_conninfo: &str, slot: Option<&str>) -> PgResult<()> {
+    pub async fn configure_standby(
+        &self,
+        primary_conninfo: &str,
+        slot: Option<&str>,
+    ) -> PgResult<()> {
         let _g = self.op_lock.lock().await;
         self.configure_standby_locked(primary_conninfo, slot).await
     }
 
-    pub(super) async fn configure_standby_locked(&self, primary_conninfo: &str, slot: Option<&str>) -> PgResult<()> {
+    pub(super) async fn configure_standby_locked(
+        &self,
+        primary_conninfo: &str,
+        slot: Option<&str>,
+    ) -> PgResult<()> {
         if let Some(s) = slot {
             validate_slot(s)?;
         }
         let conninfo = self.streaming_conninfo(primary_conninfo)?;
         async {
-            let settings = [("primary_conninfo", conninfo.expose()), ("primary_slot_name", slot.unwrap_or("").to_owned())];
+            let settings = [
+                ("primary_conninfo", conninfo.expose()),
+                ("primary_slot_name", slot.unwrap_or("").to_owned()),
+            ];
             let running = self.is_running()?;
             let mut was_replica = false;
             if running {
@@ -86,7 +97,8 @@ impl PgInstance {
             self.touch(&self.standby_signal())?;
             if running && !was_replica {
                 info!("restarting the primary as a standby");
-                self.stop_locked(StopMode::Fast, self.cfg.stop_timeout).await?;
+                self.stop_locked(StopMode::Fast, self.cfg.stop_timeout)
+                    .await?;
             }
             self.start_locked().await?;
             info!(primary = %conninfo, ?slot, "configured as standby");
@@ -158,7 +170,11 @@ impl PgInstance {
             let sibling = |suffix: String| PathBuf::from(format!("{}.{suffix}", data.display()));
             let new_dir = sibling(format!("new-{ts}"));
             let old_dir = sibling(format!("old-{ts}"));
-            let snap = if data.is_dir() { Some(self.markers.snapshot()?) } else { None };
+            let snap = if data.is_dir() {
+                Some(self.markers.snapshot()?)
+            } else {
+                None
+            };
             remove_dir_if_exists(&new_dir).await?;
 
             info!(source = %conn, "pg_basebackup");
@@ -177,7 +193,11 @@ impl PgInstance {
                 args.push("-S".into());
                 args.push(s.into());
             }
-            if let Err(e) = self.runner.run_ok("pg_basebackup", &args, &env, BASEBACKUP_TIMEOUT).await {
+            if let Err(e) = self
+                .runner
+                .run_ok("pg_basebackup", &args, &env, BASEBACKUP_TIMEOUT)
+                .await
+            {
                 // Leave nothing half-copied behind; the old dir is untouched.
                 if let Err(e2) = remove_dir_if_exists(&new_dir).await {
                     warn!(error = %e2, "removing the partial base backup");
@@ -185,7 +205,8 @@ impl PgInstance {
                 return Err(e);
             }
             if self.is_running()? {
-                self.stop_locked(StopMode::Fast, self.cfg.stop_timeout).await?;
+                self.stop_locked(StopMode::Fast, self.cfg.stop_timeout)
+                    .await?;
             }
             let had_old = data.is_dir();
             if had_old {
@@ -223,7 +244,12 @@ impl PgInstance {
         let old = match std::fs::read_to_string(&p) {
             Ok(s) => s,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(PgError::Io { what: format!("read {}", p.display()), reason: e.to_string() }),
+            Err(e) => {
+                return Err(PgError::Io {
+                    what: format!("read {}", p.display()),
+                    reason: e.to_string(),
+                });
+            }
         };
         let mut out: String = old
             .lines()
@@ -237,7 +263,10 @@ impl PgInstance {
             out.push_str(&format!("{k} = {}\n", sql_literal(v)));
         }
         let tmp = p.with_extension("conf.dr-tmp");
-        let io = |what: &str, e: std::io::Error| PgError::Io { what: format!("{what} {}", p.display()), reason: e.to_string() };
+        let io = |what: &str, e: std::io::Error| PgError::Io {
+            what: format!("{what} {}", p.display()),
+            reason: e.to_string(),
+        };
         {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
@@ -260,7 +289,10 @@ impl PgInstance {
             .create(true)
             .append(true)
             .open(p)
-            .map_err(|e| PgError::Io { what: format!("create {}", p.display()), reason: e.to_string() })?;
+            .map_err(|e| PgError::Io {
+                what: format!("create {}", p.display()),
+                reason: e.to_string(),
+            })?;
         self.runner.chown_to_run_as(p)
     }
 }
@@ -281,7 +313,10 @@ fn fsync_parent(p: &Path) -> PgResult<()> {
     let parent = p.parent().unwrap_or(Path::new("/"));
     std::fs::File::open(parent)
         .and_then(|d| d.sync_all())
-        .map_err(|e| PgError::Io { what: format!("fsync {}", parent.display()), reason: e.to_string() })
+        .map_err(|e| PgError::Io {
+            what: format!("fsync {}", parent.display()),
+            reason: e.to_string(),
+        })
 }
 
 async fn remove_dir_if_exists(p: &Path) -> PgResult<()> {
@@ -289,10 +324,16 @@ async fn remove_dir_if_exists(p: &Path) -> PgResult<()> {
     tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&p) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(PgError::Io { what: format!("remove {}", p.display()), reason: e.to_string() }),
+        Err(e) => Err(PgError::Io {
+            what: format!("remove {}", p.display()),
+            reason: e.to_string(),
+        }),
     })
     .await
-    .map_err(|e| PgError::Io { what: "remove a directory".into(), reason: e.to_string() })?
+    .map_err(|e| PgError::Io {
+        what: "remove a directory".into(),
+        reason: e.to_string(),
+    })?
 }
 
 #[cfg(test)]

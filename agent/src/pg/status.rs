@@ -101,7 +101,13 @@ impl PgStatus {
     /// Lag of the slowest client (primary) or of this replica's replay behind its receive.
     pub fn lag_bytes(&self) -> Option<u64> {
         match self.role() {
-            Role::Primary => Some(self.replication.iter().filter_map(|c| c.lag_bytes).max().unwrap_or(0)),
+            Role::Primary => Some(
+                self.replication
+                    .iter()
+                    .filter_map(|c| c.lag_bytes)
+                    .max()
+                    .unwrap_or(0),
+            ),
             Role::Replica => Some(self.receive_lsn?.bytes_since(self.replay_lsn?)),
             _ => None,
         }
@@ -109,7 +115,12 @@ impl PgStatus {
 
     pub fn lag_seconds(&self) -> Option<f64> {
         match self.role() {
-            Role::Primary => Some(self.replication.iter().map(|c| c.lag_seconds).fold(0.0, f64::max)),
+            Role::Primary => Some(
+                self.replication
+                    .iter()
+                    .map(|c| c.lag_seconds)
+                    .fold(0.0, f64::max),
+            ),
             Role::Replica => self.replay_lag_seconds,
             _ => None,
         }

@@ -19,10 +19,15 @@ use sqlx::{ConnectOptions, Connection};
 pub const BIN: &str = "/usr/lib/postgresql/15/bin";
 
 pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()))
+    // Another test in this binary may have installed it already.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
         .with_test_writer()
-        .try_init();
+        .try_init()
+        .ok();
 }
 
 fn is_root() -> bool {
@@ -35,7 +40,10 @@ fn pg_owner() -> Option<(nix::unistd::Uid, nix::unistd::Gid)> {
         return None;
     }
     if nix::unistd::User::from_name("postgres").unwrap().is_none() {
-        let st = Command::new("useradd").args(["--system", "--no-create-home", "postgres"]).status().unwrap();
+        let st = Command::new("useradd")
+            .args(["--system", "--no-create-home", "postgres"])
+            .status()
+            .unwrap();
         assert!(st.success(), "useradd postgres");
     }
     let u = nix::unistd::User::from_name("postgres").unwrap().unwrap();
@@ -58,13 +66,27 @@ pub fn run_pg(prog: &str, args: &[&str]) -> String {
     } else {
         Command::new(&exe)
     };
-    let out = cmd.args(args).current_dir("/").env("LC_ALL", "C").output().unwrap();
-    assert!(out.status.success(), "{prog} {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .args(args)
+        .current_dir("/")
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// One PostgreSQL data dir + its manager.
@@ -78,7 +100,10 @@ pub struct Node {
 impl Node {
     /// A node whose data dir does not exist yet (for `reseed`).
     pub fn empty(name: &str) -> Node {
-        let dir = tempfile::Builder::new().prefix(&format!("dr-pg-{name}-")).tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("dr-pg-{name}-"))
+            .tempdir()
+            .unwrap();
         chown(dir.path());
         let sock = dir.path().join("sock");
         std::fs::create_dir(&sock).unwrap();
@@ -94,7 +119,12 @@ impl Node {
         cfg.start_timeout = Duration::from_secs(30);
         cfg.stop_timeout = Duration::from_secs(30);
         let pg = Arc::new(PgInstance::with_env(cfg, Default::default()).unwrap());
-        Node { name: name.into(), dir, port, pg }
+        Node {
+            name: name.into(),
+            dir,
+            port,
+            pg,
+        }
     }
 
     /// initdb (checksums) + replication settings; not started.
@@ -103,9 +133,23 @@ impl Node {
         let data = n.data_dir();
         run_pg(
             "initdb",
-            &["-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--data-checksums", "--no-sync", "--no-instructions"],
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--data-checksums",
+                "--no-sync",
+                "--no-instructions",
+            ],
         );
-        let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
         use std::io::Write;
         writeln!(
             conf,
@@ -123,7 +167,10 @@ impl Node {
 
     /// Conninfo other nodes use to reach this one.
     pub fn conninfo(&self) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
     }
 
     pub async fn conn(&self) -> PgConnection {
@@ -146,7 +193,10 @@ impl Node {
 
     pub async fn count(&self, table: &str) -> i64 {
         let mut c = self.conn().await;
-        let n: i64 = sqlx::query_scalar(&format!("select count(*) from {table}")).fetch_one(&mut c).await.unwrap();
+        let n: i64 = sqlx::query_scalar(&format!("select count(*) from {table}"))
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
         c.close().await.unwrap();
         n
     }
@@ -154,8 +204,16 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        let Ok(text) = std::fs::read_to_string(self.data_dir().join("postmaster.pid")) else { return };
-        let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) else { return };
+        let Ok(text) = std::fs::read_to_string(self.data_dir().join("postmaster.pid")) else {
+            return;
+        };
+        let Some(pid) = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+        else {
+            return;
+        };
         let pid = nix::unistd::Pid::from_raw(pid);
         use nix::sys::signal::{Signal, kill};
         if kill(pid, Signal::SIGQUIT).is_err() {
@@ -166,7 +224,7 @@ impl Drop for Node {
             std::thread::sleep(Duration::from_millis(20));
         }
         if kill(pid, None).is_ok() {
-            let _ = kill(pid, Signal::SIGKILL);
+            kill(pid, Signal::SIGKILL).ok();
         }
     }
 }
@@ -179,7 +237,10 @@ where
 {
     let deadline = Instant::now() + timeout;
     while !pred().await {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
