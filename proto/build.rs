@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dr/v1/agent.proto",
         "dr/v1/control.proto",
         "dr/v1/raft.proto",
+        "dr/v1/backup.proto",
+        "dr/v1/operations.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed=proto/{f}");

@@ -116,14 +116,16 @@ for i in "${!step_names[@]}"; do
 done
 if [ -f "$log_dir/tests.log" ]; then
   echo "== test runner results (full log: $log_dir/tests.log)"
-  grep -E '^ *(Summary \[|test result:|FAIL \[|SIGSEGV|TIMEOUT)' "$log_dir/tests.log" | tail -40 || true
+  # Unindented "test result:" only: indented ones are a failed test's own output in nextest's report.
+  grep -E '^( *Summary \[|test result:| +(FAIL|TIMEOUT|SIGSEGV|SIGKILL|SIGABRT) \[)' "$log_dir/tests.log" \
+    | awk '!seen[$0]++' | tail -40 || true
 fi
 hr
 if [ "$failed" -ne 0 ]; then echo "RESULT: FAILED"; else echo "RESULT: all steps passed"; fi
 # Last line: the totals over every runner invocation (nextest "Summary" lines, cargo test
 # "test result:" lines), in the plain "N passed, N failed" form.
 if [ -f "$log_dir/tests.log" ]; then
-  grep -E '^ *(Summary \[|test result:)' "$log_dir/tests.log" | awk '
+  grep -E '^( *Summary \[|test result:)' "$log_dir/tests.log" | awk '
     { for (i = 2; i <= NF; i++) { w = $i; gsub(/[^a-z]/, "", w); n = $(i-1); gsub(/[^0-9]/, "", n)
         if (w == "passed") p += n; if (w == "failed" || w == "timed") f += n; if (w == "skipped" || w == "ignored") s += n } }
     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }'

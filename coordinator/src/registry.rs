@@ -120,6 +120,11 @@ pub struct Registry {
     hasher: RandomState,
     next_session: AtomicU64,
     events: broadcast::Sender<CommandEvent>,
+    /// Reference point for `confirmed_ms`.
+    base: Instant,
+    /// When the last successful quorum confirmation of our leadership STARTED, as
+    /// milliseconds after `base` plus one (0: not confirmed in this term).
+    confirmed_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Registry {
@@ -147,6 +152,8 @@ impl Registry {
             hasher: RandomState::new(),
             next_session: AtomicU64::new(1),
             events,
+            base: Instant::now(),
+            confirmed_ms: AtomicU64::new(0),
         }
     }
 
@@ -312,6 +319,7 @@ impl Registry {
     /// Used when this node stops leading: agents must follow the new leader, and a later
     /// term must not inherit this term's heartbeat history.
     pub fn close_all(&self, msg: &pb::CoordinatorMessage) -> usize {
+        self.clear_leadership();
         let mut closed = 0;
         for shard in self.shards.iter() {
             let entries: Vec<Entry> = {
@@ -334,10 +342,36 @@ impl Registry {
         closed
     }
 
+    /// Records that a quorum confirmed our leadership in a round that started at `started`.
+    pub fn confirm_leadership(&self, started: Instant) {
+        let ms = u64::try_from(started.saturating_duration_since(self.base).as_millis())
+            .unwrap_or(u64::MAX - 1)
+            + 1;
+        self.confirmed_ms.fetch_max(ms, Ordering::AcqRel);
+    }
+
+    /// Whether leadership was confirmed by a round that started within `max` before `now`.
+    /// Leases are renewed only then (DESIGN.md, fencing): a deposed leader cut off with an
+    /// old primary must not keep that primary alive.
+    pub fn leadership_confirmed_within(&self, now: Instant, max: Duration) -> bool {
+        match self.confirmed_ms.load(Ordering::Acquire) {
+            0 => false,
+            ms => {
+                let at = self.base + Duration::from_millis(ms - 1);
+                now.saturating_duration_since(at) <= max
+            }
+        }
+    }
+
+    /// Forgets the confirmation (on leaving leadership).
+    pub fn clear_leadership(&self) {
+        self.confirmed_ms.store(0, Ordering::Release);
+    }
+
     /// Publishes a command event to in-memory subscribers (no-op without subscribers).
     pub fn publish(&self, event: CommandEvent) {
         // An error only means nobody is listening.
-        let _ = self.events.send(event);
+        self.events.send(event).ok();
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<CommandEvent> {
@@ -494,6 +528,20 @@ mod tests {
             at_unix_ms: 1,
         });
         assert_eq!(sub.recv().await.unwrap().key(), "k");
+    }
+
+    #[test]
+    fn t55_leadership_confirmation_window() {
+        let r = Registry::new();
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        assert!(!r.leadership_confirmed_within(t0, s(1)));
+        r.confirm_leadership(t0 + s(2));
+        r.confirm_leadership(t0 + s(1)); // an older round finishing late does not go back
+        assert!(r.leadership_confirmed_within(t0 + Duration::from_millis(2900), s(1)));
+        assert!(!r.leadership_confirmed_within(t0 + s(4), s(1)));
+        r.clear_leadership();
+        assert!(!r.leadership_confirmed_within(t0 + s(2), s(1)));
     }
 
     #[test]

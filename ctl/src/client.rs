@@ -50,8 +50,10 @@ pub struct Attempt {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    // The cause is in the message and deliberately not a `source`, so `{:#}` does not
+    // print it twice.
     #[error("load TLS credentials (--ca/--cert/--key or [tls] in the config file): {0}")]
-    TlsFiles(#[source] TlsError),
+    TlsFiles(TlsError),
     #[error("{}", unreachable_message(.attempts))]
     Unreachable { attempts: Vec<Attempt> },
     #[error(
@@ -161,6 +163,38 @@ impl Client {
     /// The identity our certificate carries (what the server will see).
     pub fn own_identity(&self) -> dr_proto::identity::SpiffeId {
         self.tls.own_identity()
+    }
+
+    /// This client with the current leader's endpoint tried first. Live facts (agent
+    /// connections, heartbeats, the events of a running action) are held in the leader's
+    /// memory only, so commands that show them ask the leader; any endpoint still works
+    /// as a fallback.
+    pub async fn prefer_leader(&self) -> ClientResult<Client> {
+        let s = self
+            .call("cluster status", |mut c| async move {
+                c.cluster_status(dr_proto::pb::ClusterStatusRequest {
+                    linearizable: false,
+                })
+                .await
+            })
+            .await?;
+        let leader = if s.leader_endpoint.is_empty() {
+            s.members
+                .iter()
+                .find(|m| m.node_id == s.leader_id && s.leader_id != 0)
+                .map(|m| m.addr.clone())
+        } else {
+            Some(s.leader_endpoint.clone())
+        };
+        let mut cfg = self.cfg.clone();
+        if let Some(leader) = leader {
+            cfg.endpoints.retain(|e| *e != leader);
+            cfg.endpoints.insert(0, leader);
+        }
+        Ok(Client {
+            cfg,
+            tls: self.tls.clone(),
+        })
     }
 
     /// Runs `op` against the first endpoint that answers (see the module docs).
@@ -310,14 +344,21 @@ pub fn looks_like_tls_refusal(chain: &str) -> bool {
     .any(|k| lower.contains(k))
 }
 
+/// Also set by the coordinator's Raft layer; read as a fallback.
+const LEADER_ENDPOINT_HEADER: &str = "x-dr-leader-endpoint";
+
 fn leader_hint(status: &tonic::Status) -> Option<String> {
-    status
-        .metadata()
-        .get(LEADER_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map(String::from)
+    [LEADER_HEADER, LEADER_ENDPOINT_HEADER]
+        .iter()
+        .find_map(|key| {
+            status
+                .metadata()
+                .get(*key)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(String::from)
+        })
 }
 
 /// The server's answer as an operator message.

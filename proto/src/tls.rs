@@ -87,12 +87,13 @@ impl TlsPaths {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {what} file {path}: {source}")]
+    // The io::Error is shown in the message and deliberately not chained as a source:
+    // printed with `{:#}` it would otherwise appear twice.
+    #[error("cannot read {what} file {path}: {error}")]
     Read {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error("{what} file {path} holds no PEM {expected}")]
     Empty {
@@ -100,24 +101,16 @@ pub enum TlsError {
         path: PathBuf,
         expected: &'static str,
     },
-    #[error("certificate {path}: {source}")]
-    Identity {
-        path: PathBuf,
-        #[source]
-        source: IdentityError,
-    },
+    #[error("certificate {path}: {error}")]
+    Identity { path: PathBuf, error: IdentityError },
     #[error("TLS configuration refused: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("client certificate verifier: {0}")]
     Verifier(String),
     #[error("invalid endpoint `{endpoint}`: {reason}; expected host:port or https://host:port")]
     Endpoint { endpoint: String, reason: String },
-    #[error("TLS handshake with {peer} failed: {source}")]
-    Handshake {
-        peer: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error("TLS handshake with {peer} failed: {error}")]
+    Handshake { peer: String, error: io::Error },
     #[error("TLS handshake with {peer} timed out")]
     HandshakeTimeout { peer: String },
     #[error("peer {peer} refused: {reason}")]
@@ -135,10 +128,10 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|error| TlsError::Read {
         what,
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 
@@ -146,10 +139,10 @@ fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'sta
     let pem = read_file(what, path)?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<_, _>>()
-        .map_err(|source| TlsError::Read {
+        .map_err(|error| TlsError::Read {
             what,
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
     if certs.is_empty() {
         return Err(TlsError::Empty {
@@ -164,10 +157,10 @@ fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'sta
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read_file("key", path)?;
     rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|source| TlsError::Read {
+        .map_err(|error| TlsError::Read {
             what: "key",
             path: path.to_path_buf(),
-            source,
+            error,
         })?
         .ok_or_else(|| TlsError::Empty {
             what: "key",
@@ -197,9 +190,9 @@ impl Material {
         let roots = Arc::new(read_roots(&paths.ca)?);
         let chain = read_certs("certificate", &paths.cert)?;
         let key = read_key(&paths.key)?;
-        let own = SpiffeId::from_cert_der(&chain[0]).map_err(|source| TlsError::Identity {
+        let own = SpiffeId::from_cert_der(&chain[0]).map_err(|error| TlsError::Identity {
             path: paths.cert.clone(),
-            source,
+            error,
         })?;
         Ok(Material {
             roots,
@@ -376,9 +369,9 @@ impl ServerTls {
         let stream =
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor().accept(tcp)).await {
                 Ok(Ok(s)) => s,
-                Ok(Err(source)) => {
+                Ok(Err(error)) => {
                     self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-                    return Err(TlsError::Handshake { peer, source });
+                    return Err(TlsError::Handshake { peer, error });
                 }
                 Err(_) => {
                     self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
@@ -811,9 +804,9 @@ async fn connect_tls(
     let peer = format!("{host}:{port}");
     let tcp = TcpStream::connect((host, port))
         .await
-        .map_err(|source| TlsError::Handshake {
+        .map_err(|error| TlsError::Handshake {
             peer: peer.clone(),
-            source,
+            error,
         })?;
     if let Err(e) = tcp.set_nodelay(true) {
         debug!(error = %e, "set_nodelay failed");
@@ -829,7 +822,7 @@ async fn connect_tls(
     .await
     {
         Ok(Ok(s)) => Ok(s),
-        Ok(Err(source)) => Err(TlsError::Handshake { peer, source }),
+        Ok(Err(error)) => Err(TlsError::Handshake { peer, error }),
         Err(_) => Err(TlsError::HandshakeTimeout { peer }),
     }
 }

@@ -987,7 +987,7 @@ mod tests {
 
     #[test]
     fn t70_deterministic_and_serde_roundtrip() {
-        let reqs = vec![
+        let reqs = [
             req(1, up("h1", 1)),
             req(
                 2,
@@ -1017,6 +1017,29 @@ mod tests {
         assert_eq!(a, b);
         let snap: State = serde_json::from_slice(&serde_json::to_vec(&a).unwrap()).unwrap();
         assert_eq!(snap, a);
+        // Responses travel back from the leader as JSON too.
+        for resp in [
+            Response::Applied,
+            Response::Unchanged,
+            Response::Issued {
+                issued: vec!["a".into()],
+                existing: vec!["b".into()],
+            },
+            Response::Expired {
+                keys: vec!["c".into()],
+            },
+            Response::refused(Refusal::AlreadyFinished {
+                key: "k".into(),
+                state: CommandState::Done,
+            }),
+            Response::refused(Refusal::Invalid {
+                message: "m".into(),
+            }),
+        ] {
+            let back: Response =
+                serde_json::from_str(&serde_json::to_string(&resp).unwrap()).unwrap();
+            assert_eq!(back, resp);
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::output::{
 };
 
 pub async fn run(client: &Client, cmd: AgentsCmd, format: OutputFormat) -> anyhow::Result<()> {
+    let client = &client.prefer_leader().await?;
     match cmd {
         AgentsCmd::List { region, role, site } => {
             let selector = pb::Selector {

@@ -99,6 +99,8 @@ pub async fn run(client: &Client, args: RunArgs, format: OutputFormat) -> anyhow
     };
     let what = describe_action(req.action.as_ref());
     tracing::info!(request_id = %req.request_id, action = %what, "running action");
+    // Only the leader sees the agents' acks, progress and results.
+    let client = client.prefer_leader().await?;
     let mut stream = client
         .call("run", |mut c| {
             let req = req.clone();
@@ -106,7 +108,7 @@ pub async fn run(client: &Client, args: RunArgs, format: OutputFormat) -> anyhow
         })
         .await?;
 
-    let mut follow = Follow::new(format, !args.no_wait);
+    let mut follow = Follow::new(format, !args.no_wait, req.request_id.clone());
     loop {
         match stream.message().await {
             Ok(Some(event)) => follow.event(&event),
@@ -134,16 +136,18 @@ struct HostState {
 struct Follow {
     format: OutputFormat,
     wait: bool,
+    request_id: String,
     hosts: BTreeMap<String, HostState>,
     bars: HashMap<String, ProgressBar>,
     multi: MultiProgress,
 }
 
 impl Follow {
-    fn new(format: OutputFormat, wait: bool) -> Self {
+    fn new(format: OutputFormat, wait: bool, request_id: String) -> Self {
         Self {
             format,
             wait,
+            request_id,
             hosts: BTreeMap::new(),
             bars: HashMap::new(),
             multi: MultiProgress::new(),
@@ -237,7 +241,13 @@ impl Follow {
         self.finish_bars();
         let total = self.hosts.len();
         if total == 0 {
-            anyhow::bail!("no agent matched the selector; see `drctl agents list`");
+            // The coordinator refuses an empty selection itself, so this is a stream that
+            // ended before its first event.
+            anyhow::bail!(
+                "the coordinator sent no event for this run (request id {}); the commands may \
+                 still have been issued: check `drctl commands list --pending`",
+                self.request_id
+            );
         }
         if !self.wait {
             if self.format == OutputFormat::Text {
@@ -304,7 +314,7 @@ mod tests {
     #[test]
     fn failures_and_missing_results_fail_the_run() {
         use pb::action_event::Event;
-        let mut f = Follow::new(OutputFormat::Text, true);
+        let mut f = Follow::new(OutputFormat::Text, true, "r".into());
         let result = |ok| {
             Some(Event::Result(pb::CommandResult {
                 success: ok,
@@ -323,7 +333,7 @@ mod tests {
         });
         let err = f.finish("checks").unwrap_err();
         assert_eq!(err.to_string(), "1 of 2 hosts failed; no result from b");
-        let mut f = Follow::new(OutputFormat::Text, true);
+        let mut f = Follow::new(OutputFormat::Text, true, "r".into());
         f.event(&pb::ActionEvent {
             key: "k1".into(),
             host_id: "a".into(),
@@ -331,7 +341,7 @@ mod tests {
         });
         f.finish("checks").unwrap();
         assert!(
-            Follow::new(OutputFormat::Text, true)
+            Follow::new(OutputFormat::Text, true, "r".into())
                 .finish("checks")
                 .is_err()
         );

@@ -86,6 +86,17 @@ pub mod cli {
         ]
     }
 
+    /// `drctl run --no-wait --host H checks`: returns once the command is committed.
+    pub fn run_checks_no_wait(host: &str) -> Vec<String> {
+        vec![
+            "run".into(),
+            "--no-wait".into(),
+            "--host".into(),
+            host.into(),
+            "checks".into(),
+        ]
+    }
+
     /// `drctl run --host H checks`.
     pub fn run_checks(host: &str) -> Vec<String> {
         vec!["run".into(), "--host".into(), host.into(), "checks".into()]
@@ -456,6 +467,11 @@ impl TestCluster {
              election_timeout_max = \"3000ms\"\nsnapshot_every = {}\n",
             self.snapshot_every
         );
+        // A low snapshot_every is how a test asks for snapshot catch-up: keep few log
+        // entries behind the snapshot too, or a lagging member would catch up by log.
+        if self.snapshot_every < 1000 {
+            s += &format!("keep_logs = {}\n", (self.snapshot_every / 2).max(1));
+        }
         s += "\n[agents]\nheartbeat_interval = \"500ms\"\ndown_after = \"5s\"\ncommand_timeout = \"5m\"\n";
         std::fs::write(&c.config, s).with_context(|| format!("write {}", c.config.display()))
     }
@@ -495,7 +511,11 @@ impl TestCluster {
             s += &format!(
                 "\n[[actions]]\nname = {}\ncommand = {}\ntimeout = {}\n",
                 q(&act.name),
-                q_list(&act.command),
+                q_list(
+                    act.command
+                        .iter()
+                        .map(|a| a.replace("{dir}", &self.dir.path().display().to_string()))
+                ),
                 q(&act.timeout)
             );
         }
@@ -654,6 +674,33 @@ impl TestCluster {
         self.dir.join(format!("drctl-{name}.toml"))
     }
 
+    /// The drctl config with the admin certificate and every coordinator.
+    pub fn admin_drctl_config(&self) -> PathBuf {
+        self.drctl_config("admin")
+    }
+
+    /// The drctl config that reaches coordinator `id` only.
+    pub fn drctl_config_at(&self, id: u64) -> PathBuf {
+        self.drctl_config(&coord_name(id))
+    }
+
+    /// Starts drctl (admin config) in the background, e.g. a long `drctl run` that a test
+    /// interrupts with a fault; its output goes to `logs/<name>.log`.
+    pub fn spawn_drctl<I, S>(&self, name: &str, args: I) -> Result<ChildGuard>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let spec = ChildSpec::new(name, &self.bins.drctl, self.dir.log_path(name))
+            .args(args)
+            .env(
+                cli::DRCTL_CONFIG_ENV,
+                self.drctl_config("admin").display().to_string(),
+            )
+            .cwd(self.dir.path());
+        ChildGuard::spawn(spec)
+    }
+
     /// Runs drctl with the admin config (all coordinators) and returns its output, whatever
     /// the exit status.
     pub async fn drctl<I, S>(&self, args: I) -> Result<Output>
@@ -747,6 +794,13 @@ impl TestCluster {
             .into_iter()
             .filter(|id| Some(*id) != not)
             .collect();
+        self.wait_for_leader_among(&running, not).await
+    }
+
+    /// Waits until the coordinators `among` name the same leader, one of them and not `not`
+    /// (e.g. the majority side of a partition), and returns it.
+    pub async fn wait_for_leader_among(&self, among: &[u64], not: Option<u64>) -> Result<u64> {
+        let running = among.to_vec();
         let what = match not {
             Some(n) => format!("the coordinators {running:?} agree on a leader other than {n}"),
             None => format!("the coordinators {running:?} agree on a leader"),

@@ -1,0 +1,407 @@
+//! Standalone backup CLI: works with every coordinator down (the total-loss case).
+//!
+//! Why here and not in main.rs: main.rs belongs to the agent service; it only gains one
+//! `#[command(flatten)] Backup(backup::cli::Command)` variant and one dispatch line calling
+//! [`run`]. Commands:
+//! ```text
+//! dr-agent repo init    --repo-config F            create key file (0600) and repository
+//! dr-agent repo prune   --repo-config F [--grace 1h] [--dry-run]
+//! dr-agent backup run   --repo-config F --pg-url URL --data-dir DIR --type full|incr
+//! dr-agent backup list  --repo-config F [--output json]
+//! dr-agent backup verify --repo-config F [ID | --all] [--output json]
+//! dr-agent restore      --repo-config F --backup ID|latest --target DIR [--no-recovery]
+//! dr-agent wal-push %p  --repo-config F            archive_command
+//! dr-agent wal-fetch %f %p --repo-config F         restore_command (exit 1 if absent)
+//! ```
+//! Exit codes: 0 success; 1 failure (or, for wal-fetch, "no such file"); errors go to stderr
+//! with what to do.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::basebackup::{BackupOptions, run_backup};
+use super::manifest::{BackupId, BackupKind};
+use super::repo::Repository;
+use super::repo_config::RepoConfig;
+use super::restore::{RestoreOptions, restore};
+use super::verify::verify;
+use super::wal_fetch::wal_fetch;
+use super::wal_push::{PushOutcome, wal_push};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RepoArg {
+    /// Repository config file (TOML; see deploy/examples/repository.toml).
+    #[arg(long, env = "DR_REPO_CONFIG")]
+    pub repo_config: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// The backup-related subcommands, flattened into the agent's command enum.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Physical backups: run, list, verify.
+    #[command(subcommand)]
+    Backup(BackupCmd),
+    /// Restore a backup into an empty directory.
+    Restore(RestoreArgs),
+    /// Repository maintenance: init, prune.
+    #[command(subcommand)]
+    Repo(RepoCmd),
+    /// archive_command: archive one WAL file (`wal-push %p`).
+    WalPush(WalPushArgs),
+    /// restore_command: fetch one WAL file (`wal-fetch %f %p`); exit 1 if the archive has none.
+    WalFetch(WalFetchArgs),
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BackupCmd {
+    /// Take a physical backup of a running server.
+    Run {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Connection URL of a role allowed to run pg_backup_start.
+        #[arg(long, env = "DR_PG_URL")]
+        pg_url: String,
+        /// The server's data directory (read directly: run on the database host).
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long = "type", value_enum, default_value_t = BackupKind::Incr)]
+        kind: BackupKind,
+        /// Use a spread checkpoint instead of an immediate one.
+        #[arg(long)]
+        spread_checkpoint: bool,
+    },
+    /// List backups, oldest first.
+    List {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Read objects back and name every missing or corrupt one (exit 1 if any).
+    Verify {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Backup id or `latest`.
+        id: Option<String>,
+        /// Every backup and every archived WAL file.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub repo: RepoArg,
+    /// Backup id or `latest`.
+    #[arg(long)]
+    pub backup: String,
+    /// Absent or empty directory.
+    #[arg(long)]
+    pub target: PathBuf,
+    /// Do not write recovery.signal / restore_command.
+    #[arg(long)]
+    pub no_recovery: bool,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum RepoCmd {
+    /// Create the key file (0600) if absent and initialise the repository.
+    Init {
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+    /// Delete chunks no backup references and older than the grace period.
+    Prune {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct WalPushArgs {
+    /// Path of the WAL file (`%p`).
+    pub path: PathBuf,
+    #[command(flatten)]
+    pub repo: RepoArg,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct WalFetchArgs {
+    /// WAL file name (`%f`).
+    pub file_name: String,
+    /// Destination path (`%p`).
+    pub dest: PathBuf,
+    #[command(flatten)]
+    pub repo: RepoArg,
+}
+
+fn load(arg: &RepoArg) -> anyhow::Result<RepoConfig> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    RepoConfig::load(&arg.repo_config, &env).context("load repository config")
+}
+
+async fn open(arg: &RepoArg) -> anyhow::Result<Repository> {
+    let cfg = load(arg)?;
+    Repository::open(&cfg)
+        .await
+        .with_context(|| format!("open backup repository {}", cfg.location.describe()))
+}
+
+/// Cancel on Ctrl-C / SIGTERM; the work checks the token between steps.
+fn cancel_on_signal() -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = term => {}
+        }
+        info!("signal received, cancelling");
+        c.cancel();
+    });
+    cancel
+}
+
+/// Shell-quote one argument for a restore_command line.
+fn sh_quote(s: &str) -> String {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+=:@".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!(
+            "\"{}\"",
+            s.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('$', "\\$")
+        )
+    }
+}
+
+/// Entry point for `main.rs`: logging to stderr, a runtime, the command, an exit code.
+/// wal-push/wal-fetch run once per WAL file from PostgreSQL, so they log warnings only
+/// (override with RUST_LOG).
+pub fn main(cmd: Command) -> ExitCode {
+    let quiet = matches!(cmd, Command::WalPush(_) | Command::WalFetch(_));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if quiet { "warn" } else { "info,sqlx=warn" })
+    });
+    // Ignore a second init (tests may call this in-process).
+    let _ignored = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dr-agent: start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cmd)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("dr-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Execute one backup command.
+pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Repo(RepoCmd::Init { repo }) => {
+            let cfg = load(&repo)?;
+            Repository::init(&cfg)
+                .await
+                .with_context(|| format!("initialise repository {}", cfg.location.describe()))?;
+            println!(
+                "repository ready at {}; key file {} (keep an offline copy: without it nothing can be restored)",
+                cfg.location.describe(),
+                cfg.key_file.display()
+            );
+        }
+        Command::Repo(RepoCmd::Prune {
+            repo,
+            grace,
+            dry_run,
+        }) => {
+            let r = open(&repo).await?;
+            let rep = super::prune::prune(&r, grace, dry_run)
+                .await
+                .context("prune repository")?;
+            println!("{}", serde_json::to_string_pretty(&rep)?);
+        }
+        Command::Backup(BackupCmd::Run {
+            repo,
+            pg_url,
+            data_dir,
+            kind,
+            spread_checkpoint,
+        }) => {
+            let r = open(&repo).await?;
+            let cancel = cancel_on_signal();
+            let opts = BackupOptions {
+                pg_url,
+                data_dir,
+                kind,
+                fast_checkpoint: !spread_checkpoint,
+            };
+            let m = run_backup(&r, &opts, &cancel).await.context("run backup")?;
+            println!("{}", m.id);
+        }
+        Command::Backup(BackupCmd::List { repo, output }) => {
+            let r = open(&repo).await?;
+            let ms = r.list_manifests().await.context("list backups")?;
+            match output {
+                Output::Json => {
+                    let rows: Vec<serde_json::Value> = ms
+                        .iter()
+                        .map(|m| {
+                            serde_json::json!({
+                                "id": m.id, "kind": m.kind, "parent": m.parent,
+                                "started_at": m.started_at, "finished_at": m.finished_at,
+                                "start_lsn": m.start_lsn.to_string(), "stop_lsn": m.stop_lsn.to_string(),
+                                "timeline": m.timeline, "stats": m.stats,
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                }
+                Output::Text => {
+                    println!(
+                        "{:<30} {:<5} {:>12} {:>12} {:>4} {:>14} {:>14}",
+                        "ID", "KIND", "START LSN", "STOP LSN", "TL", "DB BYTES", "ADDED BYTES"
+                    );
+                    for m in &ms {
+                        println!(
+                            "{:<30} {:<5} {:>12} {:>12} {:>4} {:>14} {:>14}",
+                            m.id.0,
+                            m.kind.to_string(),
+                            m.start_lsn.to_string(),
+                            m.stop_lsn.to_string(),
+                            m.timeline,
+                            m.stats.bytes_total,
+                            m.stats.bytes_added
+                        );
+                    }
+                }
+            }
+        }
+        Command::Backup(BackupCmd::Verify {
+            repo,
+            id,
+            all,
+            output,
+        }) => {
+            let r = open(&repo).await?;
+            let ids: Vec<BackupId> = if all {
+                r.list_backups().await?
+            } else {
+                vec![r.resolve(id.as_deref().unwrap_or("latest")).await?]
+            };
+            let rep = verify(&r, &ids, all).await.context("verify")?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rep)?),
+                Output::Text => {
+                    for p in &rep.problems {
+                        println!("{} {} ({})", p.status, p.object, p.reason);
+                    }
+                    println!(
+                        "{} objects checked in {} backup(s), {} problem(s)",
+                        rep.objects_checked,
+                        rep.backups.len(),
+                        rep.problems.len()
+                    );
+                }
+            }
+            if !rep.is_ok() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Restore(a) => {
+            let cfg = load(&a.repo)?;
+            let r = Repository::open(&cfg)
+                .await
+                .context("open backup repository")?;
+            let id = r.resolve(&a.backup).await?;
+            let restore_command = if a.no_recovery {
+                None
+            } else {
+                let exe = std::env::current_exe().context("find the dr-agent executable")?;
+                let conf = cfg.source.clone().unwrap_or(a.repo.repo_config.clone());
+                Some(format!(
+                    "{} wal-fetch %f %p --repo-config {}",
+                    sh_quote(&exe.to_string_lossy()),
+                    sh_quote(&conf.to_string_lossy())
+                ))
+            };
+            let cancel = cancel_on_signal();
+            let opts = RestoreOptions {
+                restore_command,
+                extra_conf: Vec::new(),
+            };
+            let st = restore(&r, &id, &a.target, &opts, &cancel)
+                .await
+                .context("restore")?;
+            println!(
+                "restored {id} into {} ({} files, {} bytes)",
+                a.target.display(),
+                st.files,
+                st.bytes
+            );
+        }
+        Command::WalPush(a) => {
+            let r = open(&a.repo).await?;
+            // Errors are printed once, by `main`; PostgreSQL logs our stderr.
+            match wal_push(&r, &a.path)
+                .await
+                .with_context(|| format!("archive {}", a.path.display()))?
+            {
+                PushOutcome::Stored | PushOutcome::AlreadyArchived => {}
+            }
+        }
+        Command::WalFetch(a) => {
+            let r = open(&a.repo).await?;
+            let found = wal_fetch(&r, &a.file_name, &a.dest)
+                .await
+                .with_context(|| format!("fetch WAL file {}", a.file_name))?;
+            if !found {
+                // PostgreSQL asks past the end of the archive as a matter of course: quiet.
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

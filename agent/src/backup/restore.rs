@@ -1,0 +1,210 @@
+//! Restore a backup into an empty directory, all or nothing.
+//!
+//! Why `<target>.partial`: a half-restored data directory that PostgreSQL would start on is
+//! worse than none (it would come up with a mix of pages from nowhere). Files are written into
+//! `<target>.partial`, every chunk is verified (authenticated and re-hashed) before it is
+//! written, the filesystem is synced, and only then is the directory renamed to `<target>`.
+//! A leftover `.partial` from an earlier failed restore is removed first.
+//!
+//! Recovery configuration: with [`RestoreOptions::restore_command`] the restore writes
+//! `recovery.signal` and appends `restore_command` to `postgresql.auto.conf`, so the restored
+//! server fetches the WAL it needs from the archive (`dr-agent wal-fetch %f %p`).
+
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::key::ChunkId;
+use super::manifest::{BackupId, EntryKind};
+use super::repo::{CHUNK_SIZE, Repository};
+use super::{BackupError, BackupResult, blocking};
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// When set: write recovery.signal and this restore_command.
+    pub restore_command: Option<String>,
+    /// Extra lines appended to postgresql.auto.conf (e.g. `archive_mode = off`).
+    pub extra_conf: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RestoreStats {
+    pub files: u64,
+    pub bytes: u64,
+    pub chunks: u64,
+}
+
+/// `<target>.partial`
+pub fn partial_path(target: &Path) -> PathBuf {
+    let mut s = target.as_os_str().to_owned();
+    s.push(".partial");
+    PathBuf::from(s)
+}
+
+fn io(ctx: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackupError {
+    let ctx = ctx.into();
+    move |e| BackupError::io(ctx, e)
+}
+
+/// Restore backup `id` into `target` (absent or empty).
+pub async fn restore(
+    repo: &Repository,
+    id: &BackupId,
+    target: &Path,
+    opts: &RestoreOptions,
+    cancel: &CancellationToken,
+) -> BackupResult<RestoreStats> {
+    let span = info_span!("restore", backup = %id, target = %target.display());
+    async move {
+        match std::fs::read_dir(target) {
+            Ok(mut rd) => {
+                if rd.next().is_some() {
+                    return Err(BackupError::TargetNotEmpty {
+                        path: target.display().to_string(),
+                    });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(BackupError::io(format!("read {}", target.display()), e)),
+        }
+        let manifest = repo.get_manifest(id).await?;
+        let partial = partial_path(target);
+        if std::fs::symlink_metadata(&partial).is_ok() {
+            warn!(path = %partial.display(), "removing the leftover of an earlier failed restore");
+            std::fs::remove_dir_all(&partial)
+                .map_err(io(format!("remove {}", partial.display())))?;
+        }
+        std::fs::create_dir_all(&partial).map_err(io(format!("create {}", partial.display())))?;
+        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o700))
+            .map_err(io(format!("chmod {}", partial.display())))?;
+
+        let mut stats = RestoreStats::default();
+        let mut jobs: Vec<(Arc<PathBuf>, u64, ChunkId)> = Vec::new();
+        // Directories and symlinks first (entries list parents before children), files sized.
+        for e in &manifest.entries {
+            if e.path.split('/').any(|c| c == ".." || c.is_empty()) {
+                return Err(BackupError::Corrupt {
+                    key: format!("backups/{id}"),
+                    reason: format!("unsafe path {:?}", e.path),
+                });
+            }
+            let p = partial.join(&e.path);
+            match &e.kind {
+                EntryKind::Dir => {
+                    std::fs::create_dir_all(&p).map_err(io(format!("create {}", p.display())))?;
+                    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(e.mode))
+                        .map_err(io(format!("chmod {}", p.display())))?;
+                }
+                EntryKind::Symlink { target } => {
+                    std::os::unix::fs::symlink(target, &p)
+                        .map_err(io(format!("symlink {}", p.display())))?;
+                }
+                EntryKind::File { size, chunks, .. } => {
+                    let f =
+                        std::fs::File::create(&p).map_err(io(format!("create {}", p.display())))?;
+                    f.set_len(*size)
+                        .map_err(io(format!("size {}", p.display())))?;
+                    f.set_permissions(std::fs::Permissions::from_mode(e.mode))
+                        .map_err(io(format!("chmod {}", p.display())))?;
+                    stats.files += 1;
+                    stats.bytes += size;
+                    let path = Arc::new(p);
+                    for (i, c) in chunks.iter().enumerate() {
+                        jobs.push((path.clone(), (i * CHUNK_SIZE) as u64, *c));
+                    }
+                }
+            }
+        }
+        stats.chunks = jobs.len() as u64;
+        futures::stream::iter(jobs)
+            .map(|(path, offset, id)| async move {
+                if cancel.is_cancelled() {
+                    return Err(BackupError::Cancelled);
+                }
+                let data = repo.get_chunk(id).await?;
+                blocking(move || {
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(path.as_path())
+                        .map_err(io(format!("open {}", path.display())))?;
+                    f.write_all_at(&data, offset)
+                        .map_err(io(format!("write {}", path.display())))
+                })
+                .await
+            })
+            .buffer_unordered(repo.config().concurrency)
+            .try_collect::<()>()
+            .await?;
+
+        write_file(
+            &partial.join("backup_label"),
+            manifest.backup_label.as_bytes(),
+        )?;
+        if let Some(map) = &manifest.tablespace_map {
+            write_file(&partial.join("tablespace_map"), map.as_bytes())?;
+        }
+        if opts.restore_command.is_some() || !opts.extra_conf.is_empty() {
+            use std::io::Write;
+            let conf = partial.join("postgresql.auto.conf");
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&conf)
+                .map_err(io(format!("open {}", conf.display())))?;
+            let mut text = format!("\n# added by dr-agent restore of backup {id}\n");
+            if let Some(cmd) = &opts.restore_command {
+                text.push_str(&format!(
+                    "restore_command = '{}'\n",
+                    cmd.replace('\'', "''")
+                ));
+            }
+            for l in &opts.extra_conf {
+                text.push_str(l);
+                text.push('\n');
+            }
+            f.write_all(text.as_bytes())
+                .map_err(io(format!("write {}", conf.display())))?;
+            if opts.restore_command.is_some() {
+                write_file(&partial.join("recovery.signal"), b"")?;
+            }
+        }
+        if cancel.is_cancelled() {
+            return Err(BackupError::Cancelled);
+        }
+        // Everything durable before the rename makes the directory visible as `target`.
+        let dir =
+            std::fs::File::open(&partial).map_err(io(format!("open {}", partial.display())))?;
+        blocking(move || {
+            nix::unistd::syncfs(&dir).map_err(|e| BackupError::io("syncfs", e.into()))
+        })
+        .await?;
+        if std::fs::symlink_metadata(target).is_ok() {
+            std::fs::remove_dir(target)
+                .map_err(io(format!("remove empty {}", target.display())))?;
+        }
+        std::fs::rename(&partial, target).map_err(io(format!(
+            "rename {} to {}",
+            partial.display(),
+            target.display()
+        )))?;
+        info!(
+            files = stats.files,
+            bytes = stats.bytes,
+            chunks = stats.chunks,
+            "restore finished"
+        );
+        Ok(stats)
+    }
+    .instrument(span)
+    .await
+}
+
+fn write_file(p: &Path, data: &[u8]) -> BackupResult<()> {
+    std::fs::write(p, data).map_err(io(format!("write {}", p.display())))?;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
+        .map_err(io(format!("chmod {}", p.display())))
+}
