@@ -22,7 +22,13 @@ use std::time::{Duration, Instant};
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 fn agent() -> PathBuf {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/dr-agent");
+    // The bench runs from <target>/release/deps/; the agent binary is <target>/release/dr-agent.
+    let exe = std::env::current_exe().unwrap();
+    let here = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("dr-agent");
     assert!(
         std::fs::metadata(&here).is_ok(),
         "build it first: cargo build --release -p dr-agent"
@@ -82,6 +88,9 @@ fn timed(c: &mut Command) -> (Duration, u64) {
 }
 
 fn du(p: &Path) -> u64 {
+    if std::fs::metadata(p).is_err() {
+        return 0;
+    }
     let out = sh(Command::new("du").args(["-sb"]).arg(p));
     out.split_whitespace().next().unwrap().parse().unwrap()
 }

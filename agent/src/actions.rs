@@ -158,9 +158,10 @@ impl Registry {
 }
 
 /// Registers the security-response verbs (DRP scenario 3): `isolate`, `unisolate`
-/// ([`crate::isolate`]).
+/// ([`crate::isolate`]), `rotate-credentials` ([`crate::rotate`]).
 pub fn register_security(reg: &mut Registry, config: &Arc<Config>) {
     crate::isolate::register(reg, config.clone(), crate::isolate::Nft::system());
+    crate::rotate::register(reg, config);
 }
 
 /// Dispatches actions to their handlers.
