@@ -8,6 +8,7 @@ pub mod agent;
 pub mod auth;
 pub mod control;
 pub mod error;
+pub mod operations;
 
 /// Milliseconds since the Unix epoch from the system clock. Only proposers call this: the
 /// state machine gets time from the request, never from a clock.

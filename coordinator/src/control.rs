@@ -15,7 +15,10 @@
 pub mod dispatcher;
 pub mod expiry;
 pub mod failure_detector;
+pub mod failover;
 pub mod lease;
+pub mod plan_executor;
+pub mod region_detector;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,6 +71,16 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) -> anyhow::Result<()>
             lease::LeaseConfirmer::new(ctx.clone())
                 .run(leading.clone())
                 .instrument(info_span!("lease", term)),
+        );
+        tasks.spawn(
+            plan_executor::PlanExecutor::new(ctx.clone(), elected_at)
+                .run(leading.clone())
+                .instrument(info_span!("plan_executor", term)),
+        );
+        tasks.spawn(
+            region_detector::RegionDetector::new(ctx.clone())
+                .run(leading.clone())
+                .instrument(info_span!("region_detector", term)),
         );
         tasks.spawn(gauges(ctx.clone(), leading.clone()).instrument(info_span!("gauges", term)));
 

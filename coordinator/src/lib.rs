@@ -35,6 +35,8 @@ pub struct Ctx {
     pub node: raft::RaftNode,
     pub registry: registry::Registry,
     pub metrics: Arc<metrics::Metrics>,
+    /// Failover leader memory: the lease book (see [`control::failover`]).
+    pub ops: control::failover::OpsMemory,
 }
 
 pub use server::run;

@@ -100,6 +100,7 @@ async fn run_inner(
         node: node.clone(),
         registry: crate::registry::Registry::new(),
         metrics: metrics.clone(),
+        ops: Default::default(),
     });
 
     // --- metrics
@@ -139,6 +140,11 @@ async fn run_inner(
         .add_service(ControlServiceServer::new(
             crate::api::control::ControlApi::new(ctx.clone()),
         ))
+        .add_service(
+            dr_proto::pb::operations_service_server::OperationsServiceServer::new(
+                crate::api::operations::OperationsApi::new(ctx.clone()),
+            ),
+        )
         .add_service(
             RaftServiceServer::new(RaftApi::new(node.clone(), metrics.clone()))
                 .max_decoding_message_size(RAFT_MAX_MESSAGE)

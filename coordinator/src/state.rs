@@ -22,7 +22,9 @@
 mod apply;
 pub mod audit;
 pub mod commands;
+pub mod operations;
 pub mod topology;
+pub mod topology_spec;
 
 use dr_proto::pb;
 use serde::{Deserialize, Serialize};
@@ -85,6 +87,8 @@ pub enum Command {
     ExpireCommands {
         now: i64,
     },
+    /// Topology, database-cluster epochs and durable plans (see [`operations`]).
+    Ops(operations::OpsCommand),
 }
 
 impl Command {
@@ -99,6 +103,7 @@ impl Command {
             Command::CommandCompleted { .. } => "command_completed",
             Command::CancelCommand { .. } => "cancel_command",
             Command::ExpireCommands { .. } => "expire_commands",
+            Command::Ops(o) => o.name(),
         }
     }
 }
@@ -163,6 +168,9 @@ pub struct State {
     pub hosts: std::collections::BTreeMap<String, Host>,
     pub commands: CommandBook,
     pub audit: AuditLog,
+    /// Topology, primaries and epochs, operations; `default` so older snapshots load.
+    #[serde(default)]
+    pub ops: operations::OpsState,
 }
 
 impl State {

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dr_proto::identity::{Identity, SpiffeId};
+use crate::control::failover::LeaseDecision;
 use dr_proto::pb::{self, agent_message::Msg as AgentMsg, coordinator_message::Msg as CoordMsg};
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -332,14 +333,32 @@ impl Session {
             .registry
             .leadership_confirmed_within(Instant::now(), interval)
         {
-            let lease = interval * 3;
-            self.send(CoordMsg::Lease(pb::LeaseGrant {
-                seq: hb.seq,
-                lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
-                epoch: 0,
-                db_cluster: String::new(),
-            }))
-            .await?;
+            // A database primary's lease carries its cluster's epoch and is recorded in the
+            // lease book (control::failover) before it is sent; replicas and a primary
+            // being failed over get none (docs/failover.md, "Leases and fencing").
+            let decision = self.ctx.ops.grant_for(&self.host_id, || {
+                self.ctx
+                    .node
+                    .read(|s| crate::control::failover::lease_for(s, &self.host_id))
+            });
+            let grant = match decision {
+                LeaseDecision::Plain => Some((interval * 3, 0, String::new())),
+                LeaseDecision::Primary {
+                    cluster,
+                    epoch,
+                    lease,
+                } => Some((lease, epoch, cluster)),
+                LeaseDecision::Withheld => None,
+            };
+            if let Some((lease, epoch, db_cluster)) = grant {
+                self.send(CoordMsg::Lease(pb::LeaseGrant {
+                    seq: hb.seq,
+                    lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
+                    epoch,
+                    db_cluster,
+                }))
+                .await?;
+            }
         } else {
             debug!(
                 seq = hb.seq,

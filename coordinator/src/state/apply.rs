@@ -56,6 +56,10 @@ pub fn apply(state: &mut State, log_index: u64, req: &Request) -> Response {
         Command::CancelCommand { key, reason } => {
             (key.clone(), cancel_command(state, at, key, reason))
         }
+        Command::Ops(o) => (
+            o.target(),
+            super::operations::apply_ops(state, log_index, at, &req.origin, o),
+        ),
         Command::ExpireCommands { now } => {
             let resp = expire_commands(state, *now);
             let target = match &resp {
@@ -65,6 +69,18 @@ pub fn apply(state: &mut State, log_index: u64, req: &Request) -> Response {
             (target, resp)
         }
     };
+    // A finished command may finish a plan step (same entry: step and command agree).
+    match (&req.cmd, &resp) {
+        (Command::CommandCompleted { key, .. } | Command::CancelCommand { key, .. }, Response::Applied) => {
+            super::operations::on_command_finished(state, key, at);
+        }
+        (Command::ExpireCommands { .. }, Response::Expired { keys }) => {
+            for k in keys {
+                super::operations::on_command_finished(state, k, at);
+            }
+        }
+        _ => {}
+    }
     let result = match &resp {
         Response::Unchanged => "unchanged".to_owned(),
         Response::Refused { refusal: r } => format!("refused: {r}"),
@@ -246,6 +262,8 @@ fn issue_commands(
             finished_at_unix_ms: None,
             reason: String::new(),
             result: None,
+            epoch: 0,
+            db_cluster: String::new(),
         });
         issued.push(c.key.clone());
     }

@@ -75,6 +75,11 @@ pub struct CommandRecord {
     /// Why it was cancelled or expired.
     pub reason: String,
     pub result: Option<pb::CommandResult>,
+    /// Fencing epoch of `db_cluster` when the command was issued by a plan (0: none).
+    #[serde(default)]
+    pub epoch: u64,
+    #[serde(default)]
+    pub db_cluster: String,
 }
 
 impl CommandRecord {
@@ -97,8 +102,8 @@ impl CommandRecord {
             key: self.key.clone(),
             action: Some(self.action.clone()),
             deadline_unix_ms: self.deadline_unix_ms,
-            epoch: 0,
-            db_cluster: String::new(),
+            epoch: self.epoch,
+            db_cluster: self.db_cluster.clone(),
         }
     }
 }

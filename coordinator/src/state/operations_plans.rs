@@ -1,0 +1,388 @@
+//! The failover runbooks as step lists (docs/failover.md, "Plans").
+//!
+//! Why pure functions of the committed topology: `drctl failover --dry-run` must show
+//! exactly the plan that would run, and tests assert plans without a cluster. Step names are
+//! stable: `record_metrics` reads `stop_writes`, `wait_replay` and `promote` by name, and
+//! `${stop_old_primary.checkpoint_lsn}` takes the LSN the stop step reported.
+//!
+//! Agent verbs used (the agent's pg / traffic modules): `pg.stop {mode}` → details
+//! `checkpoint_lsn`; `pg.wait-replay {lsn}`; `pg.promote {epoch}`; `pg.configure-standby
+//! {primary_host, slot, application_name, epoch}`; `pg.start {epoch}`; `pg.fence {reason}`;
+//! `traffic.apply {provider, plan}` with the plan as JSON `{"regions": {r: {endpoints, weight}}}`.
+
+use std::collections::BTreeMap;
+
+use super::{
+    ActionTemplate, ClusterState, InternalKind, NewOperation, OnFailure, OpKind, StepKind,
+    StepSpec, Target,
+};
+use crate::state::topology_spec::TopologySpec;
+
+const S: u64 = 1000;
+
+fn agent(
+    name: &str,
+    target: Target,
+    action: ActionTemplate,
+    timeout_s: u64,
+    retries: u32,
+    on_failure: OnFailure,
+) -> StepSpec {
+    StepSpec {
+        name: name.to_owned(),
+        kind: StepKind::Agent { target, action },
+        timeout_ms: timeout_s * S,
+        retries,
+        on_failure,
+        compensation: false,
+    }
+}
+
+fn internal(name: &str, kind: InternalKind) -> StepSpec {
+    StepSpec {
+        name: name.to_owned(),
+        kind: StepKind::Internal { kind },
+        timeout_ms: 0,
+        retries: 0,
+        on_failure: OnFailure::Abort,
+        compensation: false,
+    }
+}
+
+fn host(h: &str) -> Target {
+    Target::Host { host: h.to_owned() }
+}
+
+fn sel(region: &str, role: &str) -> Target {
+    Target::Selector {
+        region: region.to_owned(),
+        role: role.to_owned(),
+    }
+}
+
+fn generic(verb: &str, args: &[(&str, &str)]) -> ActionTemplate {
+    ActionTemplate::Generic {
+        verb: verb.to_owned(),
+        args: args
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    }
+}
+
+/// The traffic plan sending everything to `to` (JSON for `traffic.apply`).
+pub fn traffic_plan_json(endpoints: &BTreeMap<String, Vec<String>>, to: &str) -> String {
+    let regions: serde_json::Map<String, serde_json::Value> = endpoints
+        .iter()
+        .map(|(r, eps)| {
+            (
+                r.clone(),
+                serde_json::json!({ "endpoints": eps, "weight": if r == to { 100 } else { 0 } }),
+            )
+        })
+        .collect();
+    serde_json::json!({ "regions": regions }).to_string()
+}
+
+/// Roles of the services' hosts, deduplicated ("app", "gateway" ...), and per role the
+/// agent service names to start/stop.
+fn app_services(spec: &TopologySpec) -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    for s in &spec.services {
+        let svc = if s.agent_service.is_empty() {
+            s.name.clone()
+        } else {
+            s.agent_service.clone()
+        };
+        for r in &s.roles {
+            v.push((r.clone(), svc.clone()));
+        }
+    }
+    v
+}
+
+fn traffic_and_apps(spec: &TopologySpec, to: &str, steps: &mut Vec<StepSpec>) {
+    for t in &spec.traffic {
+        if !t.endpoints.contains_key(to) {
+            continue;
+        }
+        steps.push(agent(
+            &format!("traffic_{}", t.name),
+            host(&t.host),
+            generic(
+                "traffic.apply",
+                &[
+                    ("provider", &t.name),
+                    ("plan", &traffic_plan_json(&t.endpoints, to)),
+                ],
+            ),
+            60,
+            2,
+            OnFailure::Continue,
+        ));
+    }
+    for (role, svc) in app_services(spec) {
+        steps.push(agent(
+            &format!("start_{svc}_{role}"),
+            sel(to, &role),
+            ActionTemplate::Service {
+                service: svc,
+                start: true,
+            },
+            60,
+            1,
+            OnFailure::Continue,
+        ));
+    }
+    let smoke: Vec<String> = spec
+        .services
+        .iter()
+        .flat_map(|s| s.smoke_tests.clone())
+        .collect();
+    if !smoke.is_empty() {
+        steps.push(agent(
+            "smoke_tests",
+            sel(to, ""),
+            ActionTemplate::Smoke { names: smoke },
+            120,
+            1,
+            OnFailure::Continue,
+        ));
+    }
+}
+
+fn replication_args(spec: &TopologySpec, cluster: &str, member: &str) -> (String, String) {
+    spec.cluster(cluster).map_or_else(Default::default, |c| {
+        (
+            c.replication.slots.get(member).cloned().unwrap_or_default(),
+            c.replication.application_name.clone(),
+        )
+    })
+}
+
+/// Planned switchover: nothing lost (stop writes, clean stop, replay to the final LSN).
+pub fn planned_switchover(
+    spec: &TopologySpec,
+    cs: &ClusterState,
+    cluster: &str,
+    to_region: &str,
+    candidate: &str,
+    reason: &str,
+    request_id: &str,
+) -> NewOperation {
+    let old = cs.primary_host.as_str();
+    let from = spec.region_of(old).to_owned();
+    let mut steps = Vec::new();
+    let why = format!("switchover of {cluster} to {to_region}");
+    steps.push(agent(
+        "maintenance_on",
+        sel(&from, ""),
+        ActionTemplate::Maintenance {
+            enabled: true,
+            reason: why.clone(),
+        },
+        30,
+        0,
+        OnFailure::Continue,
+    ));
+    let apps = app_services(spec);
+    for (n, (role, svc)) in apps.iter().enumerate() {
+        let name = if n == 0 {
+            "stop_writes".to_owned()
+        } else {
+            format!("stop_{svc}_{role}")
+        };
+        steps.push(agent(
+            &name,
+            sel(&from, role),
+            ActionTemplate::Service {
+                service: svc.clone(),
+                start: false,
+            },
+            60,
+            1,
+            OnFailure::Compensate,
+        ));
+    }
+    steps.push(agent(
+        "stop_old_primary",
+        host(old),
+        generic("pg.stop", &[("mode", "fast")]),
+        120,
+        1,
+        OnFailure::Compensate,
+    ));
+    steps.push(agent(
+        "wait_replay",
+        host(candidate),
+        generic(
+            "pg.wait-replay",
+            &[
+                ("lsn", "${stop_old_primary.checkpoint_lsn}"),
+                ("timeout", "110s"),
+            ],
+        ),
+        120,
+        0,
+        OnFailure::Compensate,
+    ));
+    steps.push(internal("raise_epoch", InternalKind::RaiseEpoch));
+    steps.push(agent(
+        "promote",
+        host(candidate),
+        generic("pg.promote", &[("epoch", "${epoch}")]),
+        120,
+        2,
+        OnFailure::Abort,
+    ));
+    let (slot, app) = replication_args(spec, cluster, old);
+    steps.push(agent(
+        "reattach_old_primary",
+        host(old),
+        generic(
+            "pg.configure-standby",
+            &[
+                ("primary_host", "${candidate}"),
+                ("slot", &slot),
+                ("application_name", &app),
+                ("epoch", "${epoch}"),
+                ("rewind", "auto"),
+            ],
+        ),
+        300,
+        1,
+        OnFailure::Continue,
+    ));
+    traffic_and_apps(spec, to_region, &mut steps);
+    steps.push(agent(
+        "maintenance_off",
+        sel(&from, ""),
+        ActionTemplate::Maintenance {
+            enabled: false,
+            reason: why.clone(),
+        },
+        30,
+        0,
+        OnFailure::Continue,
+    ));
+    steps.push(internal("record_metrics", InternalKind::RecordMetrics));
+    // Compensation: writes stopped but the candidate could not take over: bring the old
+    // primary and its applications back.
+    let mut comp = vec![agent(
+        "restart_old_primary",
+        host(old),
+        generic("pg.start", &[("epoch", "${epoch_before}")]),
+        120,
+        1,
+        OnFailure::Continue,
+    )];
+    for (role, svc) in &apps {
+        comp.push(agent(
+            &format!("restart_{svc}_{role}"),
+            sel(&from, role),
+            ActionTemplate::Service {
+                service: svc.clone(),
+                start: true,
+            },
+            60,
+            1,
+            OnFailure::Continue,
+        ));
+    }
+    comp.push(agent(
+        "maintenance_off_after_abort",
+        sel(&from, ""),
+        ActionTemplate::Maintenance {
+            enabled: false,
+            reason: why,
+        },
+        30,
+        0,
+        OnFailure::Continue,
+    ));
+    for mut c in comp {
+        c.compensation = true;
+        steps.push(c);
+    }
+    let mut vars = BTreeMap::new();
+    vars.insert("candidate".into(), candidate.to_owned());
+    vars.insert("old_primary".into(), old.to_owned());
+    vars.insert("epoch_before".into(), cs.epoch.to_string());
+    NewOperation {
+        kind: OpKind::Switchover,
+        cluster: cluster.to_owned(),
+        from_region: from,
+        to_region: to_region.to_owned(),
+        reason: reason.to_owned(),
+        request_id: request_id.to_owned(),
+        vars,
+        steps,
+        needs_operator: None,
+    }
+}
+
+/// Unplanned failover (automatic or forced): decide, wait out the lease, raise the epoch,
+/// promote, switch traffic, start applications.
+#[allow(clippy::too_many_arguments)]
+pub fn unplanned_failover(
+    spec: &TopologySpec,
+    cs: &ClusterState,
+    cluster: &str,
+    to_region: &str,
+    candidate: &str,
+    forced: bool,
+    reason: &str,
+    request_id: &str,
+    detected_at_unix_ms: Option<i64>,
+) -> NewOperation {
+    let old = cs.primary_host.as_str();
+    let from = spec.region_of(old).to_owned();
+    let mut steps = Vec::new();
+    if forced {
+        // Best effort: if the old primary can still hear us, fence it now instead of
+        // relying on its lease alone.
+        steps.push(agent(
+            "fence_old_primary",
+            host(old),
+            generic("pg.fence", &[("reason", "forced failover")]),
+            5,
+            0,
+            OnFailure::Continue,
+        ));
+    }
+    steps.push(internal("decide", InternalKind::DecideCandidate));
+    steps.push(internal("wait_lease", InternalKind::WaitLease));
+    steps.push(internal("raise_epoch", InternalKind::RaiseEpoch));
+    steps.push(agent(
+        "promote",
+        host("${candidate}"),
+        generic("pg.promote", &[("epoch", "${epoch}")]),
+        120,
+        2,
+        OnFailure::Abort,
+    ));
+    traffic_and_apps(spec, to_region, &mut steps);
+    steps.push(internal("record_metrics", InternalKind::RecordMetrics));
+    let mut vars = BTreeMap::new();
+    vars.insert("candidate".into(), candidate.to_owned());
+    vars.insert("old_primary".into(), old.to_owned());
+    vars.insert("epoch_before".into(), cs.epoch.to_string());
+    if let Some(d) = detected_at_unix_ms {
+        vars.insert("detected_at".into(), d.to_string());
+    }
+    NewOperation {
+        kind: if forced {
+            OpKind::ForcedFailover
+        } else {
+            OpKind::Failover
+        },
+        cluster: cluster.to_owned(),
+        from_region: from,
+        to_region: to_region.to_owned(),
+        reason: reason.to_owned(),
+        request_id: request_id.to_owned(),
+        vars,
+        steps,
+        needs_operator: None,
+    }
+}
