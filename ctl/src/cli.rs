@@ -95,6 +95,16 @@ pub enum Command {
     },
     /// Start a local 3-coordinator, 5-agent cluster and walk through a leader failover.
     Demo(DemoArgs),
+    /// Validate a topology file, show its diff and commit it (admin).
+    Apply(crate::cmd::topology::ApplyArgs),
+    /// The committed topology.
+    #[command(subcommand)]
+    Topology(crate::cmd::topology::TopologyCmd),
+    /// Planned switchover (or, with --force, emergency failover) to another region.
+    Failover(crate::cmd::failover::FailoverArgs),
+    /// Durable operations (failovers, switchovers) and their steps.
+    #[command(subcommand)]
+    Operations(crate::cmd::operations::OperationsCmd),
 }
 
 #[derive(Debug, Subcommand)]

@@ -14,8 +14,11 @@ pub mod cert;
 pub mod cluster;
 pub mod commands;
 pub mod demo;
+pub mod failover;
+pub mod operations;
 pub mod run;
 pub mod status;
+pub mod topology;
 
 /// An invocation that cannot work as written (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,10 @@ pub async fn dispatch(cli: Cli, env: &HashMap<String, String>) -> anyhow::Result
         Command::Cluster(c) => cluster::run(&connect()?, c, format).await,
         Command::Agents(c) => agents::run(&connect()?, c, format).await,
         Command::Run(args) => run::run(&connect()?, args, format).await,
+        Command::Apply(a) => topology::apply(&connect()?, a, format).await,
+        Command::Topology(c) => topology::run(&connect()?, c, format).await,
+        Command::Failover(a) => failover::run(&connect()?, a, format).await,
+        Command::Operations(c) => operations::run(&connect()?, c, format).await,
         Command::Commands(c) => commands::run(&connect()?, c, format).await,
         Command::Cancel { key, reason } => commands::cancel(&connect()?, key, reason, format).await,
     }

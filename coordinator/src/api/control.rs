@@ -138,6 +138,9 @@ impl pb::control_service_server::ControlService for ControlApi {
         if !linearizable {
             resp.notes.push("answered from this node's applied state without confirming leadership (ask with --linearizable for a confirmed answer)".to_owned());
         }
+        // Failover: why automatic failover is refused, and what waits for an operator.
+        resp.notes
+            .extend(self.ctx.node.read(crate::state::operations::status_notes));
         if live.is_none() {
             resp.notes.push(match self.ctx.node.leader() {
                 Some((id, info)) => format!(

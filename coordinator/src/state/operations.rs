@@ -1197,3 +1197,34 @@ fn describe_kind(k: &StepKind) -> String {
 #[cfg(test)]
 #[path = "operations_tests.rs"]
 mod tests;
+
+/// Notes for `drctl status`: topology warnings (e.g. no witness: automatic failover
+/// refused) and operations waiting for an operator.
+pub fn status_notes(state: &State) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Some(t) = &state.ops.topology {
+        notes.extend(t.spec.warnings());
+    }
+    for o in state.ops.operations.values() {
+        if o.state == OpState::NeedsOperator {
+            notes.push(format!(
+                "operation {} ({} of {}) needs an operator: {}",
+                o.id,
+                o.kind.as_str(),
+                o.cluster,
+                o.reason
+            ));
+        }
+        if o.state == OpState::Running {
+            notes.push(format!(
+                "operation {} ({} of {} to {}) is running: drctl operations watch {}",
+                o.id,
+                o.kind.as_str(),
+                o.cluster,
+                o.to_region,
+                o.id
+            ));
+        }
+    }
+    notes
+}

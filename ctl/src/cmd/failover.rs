@@ -1,0 +1,108 @@
+//! `drctl failover --to REGION [--cluster NAME] [--dry-run] [--wait] [--force [--yes]]`.
+//!
+//! Without `--force` this is a planned switchover (nothing lost); with it an emergency
+//! failover that states the estimated data loss and asks for confirmation (unless `--yes`),
+//! because acknowledged writes may be lost. The plan is always shown first.
+
+use std::io::{BufRead as _, Write as _};
+
+use clap::Args;
+use dr_proto::pb;
+use dr_proto::pb::operations_service_client::OperationsServiceClient;
+
+use crate::client::Client;
+use crate::cmd::UsageError;
+use crate::cmd::operations::{finished_ok, follow, render};
+use crate::output::{OutputFormat, json};
+
+#[derive(Debug, Args)]
+pub struct FailoverArgs {
+    /// Region that gets the primary.
+    #[arg(long = "to")]
+    pub to: String,
+    /// Database cluster (default: the only one in the topology).
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// Show the plan without running it.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Follow the plan until it finishes.
+    #[arg(long)]
+    pub wait: bool,
+    /// Emergency failover when the old region cannot be reached (admin; may lose data).
+    #[arg(long)]
+    pub force: bool,
+    /// Do not ask for confirmation of a forced failover.
+    #[arg(long)]
+    pub yes: bool,
+    #[arg(long, default_value = "")]
+    pub reason: String,
+}
+
+pub async fn run(client: &Client, args: FailoverArgs, format: OutputFormat) -> anyhow::Result<()> {
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let mk = |dry_run: bool| pb::StartFailoverRequest {
+        to_region: args.to.clone(),
+        cluster: args.cluster.clone().unwrap_or_default(),
+        dry_run,
+        force: args.force,
+        request_id: request_id.clone(),
+        reason: args.reason.clone(),
+    };
+    let call = |req: pb::StartFailoverRequest| {
+        client.call_service("failover", OperationsServiceClient::new, move |mut c| {
+            let req = req.clone();
+            async move { c.start_failover(req).await }
+        })
+    };
+    // --- the plan first
+    let plan = call(mk(true)).await?;
+    if format == OutputFormat::Text {
+        if let Some(op) = &plan.operation {
+            print!("{}", render(op));
+        }
+        for w in &plan.warnings {
+            println!("warning: {w}");
+        }
+    }
+    if args.dry_run {
+        if format == OutputFormat::Json {
+            print!("{}", json(&plan));
+        }
+        return Ok(());
+    }
+    if args.force && !args.yes {
+        if format == OutputFormat::Json {
+            return Err(
+                UsageError("--force with --output json needs --yes (no prompt)".into()).into(),
+            );
+        }
+        print!(
+            "forced failover to {}: estimated loss {} bytes of WAL. Type 'yes' to continue: ",
+            args.to, plan.estimated_loss_bytes
+        );
+        std::io::stdout().flush().ok();
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        if line.trim() != "yes" {
+            anyhow::bail!("not confirmed, nothing done");
+        }
+    }
+    // --- run it
+    let started = call(mk(false)).await?;
+    let Some(op) = started.operation else {
+        anyhow::bail!("the coordinator did not return the operation");
+    };
+    if !args.wait {
+        match format {
+            OutputFormat::Json => print!("{}", json(&op)),
+            OutputFormat::Text => println!(
+                "operation {} started; follow it with `drctl operations watch {}`",
+                op.id, op.id
+            ),
+        }
+        return Ok(());
+    }
+    let done = follow(client, op.id, format).await?;
+    finished_ok(&done)
+}
