@@ -95,6 +95,12 @@ pub struct Config {
     pub rotation: RotationSpec,
     /// `[integrity]`: files watched for changes (`crate::integrity`).
     pub integrity: IntegritySpec,
+    /// `[postgres]`: the PostgreSQL this agent manages (`crate::pg`); failover verbs need it.
+    pub postgres: Option<crate::pg::PgConfig>,
+    /// `[fence]`: how this host fences its PostgreSQL when its lease runs out (`crate::fence`).
+    pub fence: Option<crate::fence::FenceConfig>,
+    /// `[[traffic]]`: traffic-switching providers this host executes (`crate::traffic`).
+    pub traffic: Vec<crate::traffic::TrafficConfig>,
 }
 
 /// `[isolation]`.
@@ -395,6 +401,12 @@ struct RawConfig {
     rotation: Option<RawRotation>,
     #[serde(default)]
     integrity: Option<RawIntegrity>,
+    #[serde(default)]
+    postgres: Option<Spanned<crate::pg::PgConfig>>,
+    #[serde(default)]
+    fence: Option<crate::fence::FenceConfig>,
+    #[serde(default)]
+    traffic: Vec<crate::traffic::TrafficConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -671,7 +683,20 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path, path: &Path) -> ConfigRe
         isolation,
         rotation,
         integrity,
+        postgres,
+        fence,
+        traffic,
     } = raw;
+    let postgres = match postgres {
+        None => None,
+        Some(pg) => {
+            let span = pg.span();
+            let pg = pg.into_inner();
+            pg.validate()
+                .map_err(|e| ctx.at(span, format!("invalid `[postgres]`: {e}")))?;
+            Some(pg)
+        }
+    };
 
     if *version.get_ref() != CONFIG_VERSION {
         return Err(ctx.at(
@@ -895,6 +920,9 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path, path: &Path) -> ConfigRe
         isolation: validate_isolation(isolation, ctx)?,
         rotation: validate_rotation(rotation, ctx, base)?,
         integrity: validate_integrity(integrity, ctx, base)?,
+        postgres,
+        fence,
+        traffic,
     })
 }
 

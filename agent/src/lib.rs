@@ -25,6 +25,7 @@ pub mod actions;
 pub mod backup;
 pub mod config;
 pub mod exec;
+pub mod failover_verbs;
 pub mod fence;
 pub mod health;
 pub mod isolate;
@@ -62,6 +63,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // Generic verbs: BACKUP registers `backup`, `wal-status`, ... here.
     let mut registry = actions::Registry::default();
     actions::register_security(&mut registry, &config);
+    // Failover verbs (pg.*, traffic.*) and the self-fence, when this host has the parts.
+    let failover = failover_verbs::build(&config).context("set up postgresql and traffic")?;
+    failover_verbs::register(&mut registry, &failover);
     let actions = actions::Actions::new(config.clone(), health.clone(), registry);
     let (executor, outbox) = exec::Executor::open(
         &config.data_dir,
@@ -100,8 +104,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .instrument(info_span!("metrics")),
         );
     }
-    let (session, _handle) =
+    let (session, session_handle) =
         session::SessionTask::new(config.clone(), tls, health, executor, outbox, metrics);
+    failover_verbs::spawn_tasks(
+        &failover,
+        &session_handle,
+        config.session.heartbeat_interval,
+        &background_tasks,
+        &background_cancel,
+    );
     let session_task = {
         let (cancel, tx) = (session_cancel.clone(), essential_tx.clone());
         tokio::spawn(

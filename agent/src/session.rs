@@ -86,9 +86,20 @@ struct Shared {
 }
 
 /// What other parts of the agent may read from (or add to) the session. Cheap to clone.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct SessionHandle {
     shared: Arc<Mutex<Shared>>,
+    /// The lease's end, pushed on every grant: the fence task sleeps on it.
+    lease_tx: Arc<tokio::sync::watch::Sender<Option<Instant>>>,
+}
+
+impl Default for SessionHandle {
+    fn default() -> Self {
+        Self {
+            shared: Arc::default(),
+            lease_tx: Arc::new(tokio::sync::watch::channel(None).0),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -114,6 +125,11 @@ impl SessionHandle {
         lock(&self.shared).leader.clone()
     }
 
+    /// Follows the lease's end as grants arrive (`None`: never granted).
+    pub fn lease_watch(&self) -> tokio::sync::watch::Receiver<Option<Instant>> {
+        self.lease_tx.subscribe()
+    }
+
     /// Sets a fact reported with every heartbeat (e.g. `archive_lag_seconds`).
     pub fn set_fact(&self, key: impl Into<String>, value: impl Into<String>) {
         lock(&self.shared).facts.insert(key.into(), value.into());
@@ -126,7 +142,10 @@ impl SessionHandle {
             .as_ref()
             .is_none_or(|l| l.valid_until <= lease.valid_until)
         {
+            let until = lease.valid_until;
             s.lease = Some(lease);
+            drop(s);
+            self.lease_tx.send_replace(Some(until));
         }
     }
 }
