@@ -158,10 +158,16 @@ impl Registry {
 }
 
 /// Registers the security-response verbs (DRP scenario 3): `isolate`, `unisolate`
-/// ([`crate::isolate`]), `rotate-credentials` ([`crate::rotate`]).
-pub fn register_security(reg: &mut Registry, config: &Arc<Config>) {
+/// ([`crate::isolate`]), `rotate-credentials` ([`crate::rotate`]), `security-monitoring`
+/// ([`crate::integrity`]).
+pub fn register_security(
+    reg: &mut Registry,
+    config: &Arc<Config>,
+    integrity: crate::integrity::IntegrityMonitor,
+) {
     crate::isolate::register(reg, config.clone(), crate::isolate::Nft::system());
     crate::rotate::register(reg, config);
+    crate::integrity::register(reg, integrity);
 }
 
 /// Dispatches actions to their handlers.

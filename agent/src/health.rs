@@ -143,6 +143,12 @@ struct CheckSlot {
 pub struct Health {
     slots: Arc<BTreeMap<String, CheckSlot>>,
     metrics: Arc<Metrics>,
+    /// Results of checks that are not probes run here but verdicts of another subsystem
+    /// (the integrity monitor's `integrity:<path>`); reported with the others.
+    external: Arc<Mutex<BTreeMap<String, pb::CheckResult>>>,
+    /// Every check interval is divided by this (1 = as configured); raised by
+    /// `security-monitoring level=high`.
+    interval_divisor: tokio::sync::watch::Sender<u32>,
 }
 
 fn unix_ms(t: SystemTime) -> i64 {
@@ -176,19 +182,47 @@ impl Health {
         Self {
             slots: Arc::new(slots),
             metrics,
+            external: Arc::default(),
+            interval_divisor: tokio::sync::watch::Sender::new(1),
         }
     }
 
     pub fn names(&self) -> Vec<String> {
-        self.slots.keys().cloned().collect()
+        let mut names: Vec<String> = self.slots.keys().cloned().collect();
+        names.extend(lock(&self.external).keys().cloned());
+        names
     }
 
     /// The latest result of every check (for a heartbeat).
     pub fn latest(&self) -> Vec<pb::CheckResult> {
-        self.slots
+        let mut all: Vec<pb::CheckResult> = self
+            .slots
             .values()
             .map(|s| lock(&s.latest).clone())
-            .collect()
+            .collect();
+        all.extend(lock(&self.external).values().cloned());
+        all
+    }
+
+    /// Records the verdict of a check run elsewhere (see `external`); logged and counted
+    /// like a probe's when its state changes.
+    pub fn report_external(&self, result: pb::CheckResult) {
+        let previous = lock(&self.external).insert(result.name.clone(), result.clone());
+        if previous.is_none_or(|p| p.state != result.state) {
+            let state = pb::CheckState::try_from(result.state).unwrap_or(pb::CheckState::Unknown);
+            if state == pb::CheckState::Failing {
+                warn!(check = %result.name, state = state.as_str_name(), detail = %result.detail, "check state changed");
+            } else {
+                info!(check = %result.name, state = state.as_str_name(), detail = %result.detail, "check state changed");
+            }
+            self.metrics
+                .set_check_state(&result.name, &result.service, state);
+        }
+    }
+
+    /// Runs every check `divisor` times as often as configured (1 restores the config).
+    pub fn set_interval_divisor(&self, divisor: u32) {
+        self.interval_divisor.send_replace(divisor.max(1));
     }
 
     /// Runs the named checks now (all when `names` is empty), concurrently, and returns their
@@ -250,13 +284,23 @@ impl Health {
         let this = &self;
         let loops = self.slots.values().map(|slot| {
             let cancel = cancel.clone();
+            let mut divisor = this.interval_divisor.subscribe();
             async move {
-                let mut tick = tokio::time::interval(slot.spec.interval);
+                let period =
+                    |d: u32| (slot.spec.interval / d.max(1)).max(Duration::from_millis(100));
+                let mut tick = tokio::time::interval(period(*divisor.borrow_and_update()));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
                         () = cancel.cancelled() => break,
                         _ = tick.tick() => {}
+                        Ok(()) = divisor.changed() => {
+                            // New pace: the next run comes one new period from now.
+                            let p = period(*divisor.borrow_and_update());
+                            tick = tokio::time::interval_at(tokio::time::Instant::now() + p, p);
+                            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            continue;
+                        }
                     }
                     tokio::select! {
                         () = cancel.cancelled() => break,

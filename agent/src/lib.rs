@@ -28,6 +28,7 @@ pub mod exec;
 pub mod failover_verbs;
 pub mod fence;
 pub mod health;
+pub mod integrity;
 pub mod isolate;
 pub mod metrics;
 pub mod pg;
@@ -62,7 +63,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let health = health::Health::new(&config.checks, metrics.clone());
     // Generic verbs: BACKUP registers `backup`, `wal-status`, ... here.
     let mut registry = actions::Registry::default();
-    actions::register_security(&mut registry, &config);
+    let integrity = integrity::IntegrityMonitor::new(&config, health.clone());
+    actions::register_security(&mut registry, &config, integrity.clone());
     // Failover verbs (pg.*, traffic.*) and the self-fence, when this host has the parts.
     let failover = failover_verbs::build(&config).context("set up postgresql and traffic")?;
     failover_verbs::register(&mut registry, &failover);
@@ -106,12 +108,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     let (session, session_handle) =
         session::SessionTask::new(config.clone(), tls, health, executor, outbox, metrics);
+    integrity.attach_session(session_handle.clone());
     failover_verbs::spawn_tasks(
         &failover,
         &session_handle,
         config.session.heartbeat_interval,
         &background_tasks,
         &background_cancel,
+    );
+    background_tasks.spawn(
+        integrity
+            .run(background_cancel.child_token())
+            .instrument(info_span!("integrity")),
     );
     let session_task = {
         let (cancel, tx) = (session_cancel.clone(), essential_tx.clone());
