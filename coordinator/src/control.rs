@@ -17,6 +17,8 @@ pub mod expiry;
 pub mod failure_detector;
 pub mod failover;
 pub mod lease;
+pub mod retention;
+pub mod scheduler;
 pub mod plan_executor;
 pub mod region_detector;
 
@@ -34,7 +36,10 @@ use crate::state::HostState;
 
 /// Runs the controllers whenever this node leads, until `cancel`.
 pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) -> anyhow::Result<()> {
-    let mut metrics = ctx.node.metrics();
+    // Server metrics notify only on a real change of role, term, leader or membership;
+    // openraft's full metrics watch fires after every core pass (issue 2, defect 2).
+    let mut metrics = ctx.node.server_metrics();
+    let quorum_check_every = ctx.config.raft.heartbeat_interval.max(Duration::from_millis(20));
     loop {
         // --- wait for leadership
         while !ctx.node.is_leader() {
@@ -46,7 +51,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) -> anyhow::Result<()>
                 },
             }
         }
-        let term = metrics.borrow_and_update().current_term;
+        let term = metrics.borrow_and_update().vote.leader_id().get_term();
         let elected_at = Instant::now();
         info!(term, "leading, starting controllers");
 
@@ -83,15 +88,33 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) -> anyhow::Result<()>
                 .instrument(info_span!("region_detector", term)),
         );
         tasks.spawn(gauges(ctx.clone(), leading.clone()).instrument(info_span!("gauges", term)));
+        tasks.spawn(
+            scheduler::Scheduler::new(ctx.clone())
+                .run(leading.clone())
+                .instrument(info_span!("backup_scheduler", term)),
+        );
 
         // --- lead until deposed, a new term, shutdown, or a controller failing
         let mut failure = None;
         let mut raft_stopped = false;
+        let mut lost_majority = None;
+        let mut quorum_tick = tokio::time::interval(quorum_check_every);
+        quorum_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 changed = metrics.changed() => {
-                    if changed.is_err() || !ctx.node.is_leader() || metrics.borrow_and_update().current_term != term {
+                    if changed.is_err() || !ctx.node.is_leader() || metrics.borrow_and_update().vote.leader_id().get_term() != term {
+                        break;
+                    }
+                }
+                _ = quorum_tick.tick() => {
+                    // Cut off from the majority (issue 2, defect 6): openraft keeps us
+                    // "leader" until we hear a higher term, which may be minutes. Step
+                    // back from agents now so they roam to the majority side; the loop
+                    // restarts the controllers if the quorum comes back in this term.
+                    if let Some(lost) = ctx.node.quorum_lost_for() {
+                        lost_majority = Some(lost);
                         break;
                     }
                 }
@@ -121,13 +144,41 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) -> anyhow::Result<()>
         while tasks.join_next().await.is_some() {}
         let reason = if cancel.is_cancelled() {
             "this coordinator is shutting down"
+        } else if lost_majority.is_some() {
+            "this coordinator has lost contact with the majority"
         } else {
             "leadership moved"
         };
+        // Cut off, we still see ourselves as leader, so the Redirect names no leader:
+        // the agent tries its other endpoints, and only the majority side takes it.
         let closed = ctx
             .registry
             .close_all(&crate::api::agent::redirect(&ctx, reason));
         ctx.metrics.agents_connected.set(0);
+        if let Some(lost) = lost_majority {
+            // Expected in a partition, and the operator's first clue: a warning, once.
+            warn!(
+                term,
+                closed,
+                no_quorum_ms = u64::try_from(lost.as_millis()).unwrap_or(u64::MAX),
+                "lost contact with the majority, agent sessions redirected"
+            );
+            // Stay out of the controllers until the quorum answers again or the role
+            // changes; sessions are refused meanwhile (api::agent checks the same).
+            let mut wait = tokio::time::interval(quorum_check_every);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    changed = metrics.changed() => if changed.is_err() { return Ok(()) },
+                    _ = wait.tick() => {}
+                }
+                if !ctx.node.is_leader() || ctx.node.quorum_lost_for().is_none() {
+                    break;
+                }
+            }
+            info!(term, "quorum contact back or role changed");
+            continue;
+        }
         info!(
             term,
             closed, reason, "stopped leading, agent sessions redirected"

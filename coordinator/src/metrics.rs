@@ -178,20 +178,32 @@ fn gauge_u64(g: &Gauge, v: u64) {
     g.set(i64::try_from(v).unwrap_or(i64::MAX));
 }
 
+/// How often index gauges are refreshed (a scrape every 15 s needs nothing finer).
+const INDEX_REFRESH: Duration = Duration::from_secs(1);
+
 /// Follows Raft metrics into the gauges and TLS handshake failures into their counter,
 /// until `cancel` fires.
+///
+/// Wakes on role/term/leader changes (the server-metrics watch, which notifies only on a
+/// real change) and once per [`INDEX_REFRESH`]. It must NOT wake on openraft's full
+/// metrics watch: that one is sent after every pass of the Raft core loop, changed or
+/// not, and the `with_raft_state` call below is itself such a pass, so the updater fed
+/// itself and spun (issue 2, defect 2).
 pub async fn run_raft_updater(
     metrics: Arc<Metrics>,
     node: RaftNode,
     tls_stats: Option<Arc<TlsStats>>,
     cancel: CancellationToken,
 ) {
-    let mut rx = node.metrics();
+    let full = node.metrics();
+    let mut rx = node.server_metrics();
     let mut seen_failures = 0u64;
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(INDEX_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        rx.borrow_and_update();
         {
-            let m = rx.borrow_and_update().clone();
+            let m = full.borrow();
             gauge_u64(&metrics.raft_term, m.current_term);
             metrics
                 .raft_is_leader

@@ -125,6 +125,9 @@ pub struct Registry {
     /// When the last successful quorum confirmation of our leadership STARTED, as
     /// milliseconds after `base` plus one (0: not confirmed in this term).
     confirmed_ms: AtomicU64,
+    /// Cancelled when the process starts shutting down: sessions are refused and action
+    /// streams end, so the gRPC server has nothing long-lived left to wait for.
+    closing: CancellationToken,
 }
 
 impl std::fmt::Debug for Registry {
@@ -154,7 +157,25 @@ impl Registry {
             events,
             base: Instant::now(),
             confirmed_ms: AtomicU64::new(0),
+            closing: CancellationToken::new(),
         }
+    }
+
+    /// First shutdown step: refuse new sessions, end action streams (through
+    /// [`Registry::closing`]) and close every session with `msg` (a Redirect).
+    pub fn begin_shutdown(&self, msg: &pb::CoordinatorMessage) -> usize {
+        self.closing.cancel();
+        self.close_all(msg)
+    }
+
+    /// Whether [`Registry::begin_shutdown`] was called.
+    pub fn is_closing(&self) -> bool {
+        self.closing.is_cancelled()
+    }
+
+    /// Fires when the process starts shutting down.
+    pub fn closing(&self) -> &CancellationToken {
+        &self.closing
     }
 
     fn shard(&self, host_id: &str) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {

@@ -106,12 +106,15 @@ async fn run_inner(
     // --- metrics
     let metrics_cancel = root.child_token();
     let mut metrics_tasks: Vec<JoinHandle<()>> = Vec::new();
-    metrics_tasks.push(tokio::spawn(crate::metrics::run_raft_updater(
+    // The gauge updater asks Raft for its commit index: it stops before Raft does, or
+    // openraft logs an ERROR for a request to a stopped core (issue 2, defect 3).
+    let updater_cancel = root.child_token();
+    let updater = tokio::spawn(crate::metrics::run_raft_updater(
         metrics.clone(),
         node.clone(),
         Some(server_tls.stats().clone()),
-        metrics_cancel.clone(),
-    )));
+        updater_cancel.clone(),
+    ));
     if let Some(addr) = config.metrics_listen {
         let listener = TcpListener::bind(addr)
             .await
@@ -193,6 +196,18 @@ async fn run_inner(
     }
 
     // --- ordered shutdown
+    // Long-lived streams first: agent sessions (with a Redirect naming the leader if it
+    // is another node) and RunAction streams. Otherwise the server's graceful stop waits
+    // for them until the stage grace runs out (issue 2, defect 3).
+    stage("close agent sessions and action streams", async {
+        let closed = ctx.registry.begin_shutdown(&crate::api::agent::redirect(
+            &ctx,
+            "this coordinator is shutting down",
+        ));
+        ctx.metrics.agents_connected.set(0);
+        info!(closed, "agent sessions redirected");
+    })
+    .await;
     stage("stop accepting rpcs", async {
         grpc_cancel.cancel();
         if !grpc_done && let Ok(Err(e)) = grpc.await {
@@ -211,6 +226,9 @@ async fn run_inner(
         }
     })
     .await;
+    updater_cancel.cancel();
+    // A panicked updater is not worth failing shutdown over.
+    let _join = updater.await;
     stage("shut down raft and flush the log", async {
         raft_cancel.cancel();
         node.shutdown().await;

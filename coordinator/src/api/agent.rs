@@ -153,8 +153,16 @@ impl Session {
             );
             return self.fail(Status::permission_denied(msg)).await;
         }
+        if self.ctx.registry.is_closing() {
+            return self.redirect("this coordinator is shutting down").await;
+        }
         if !self.ctx.node.is_leader() {
             return self.redirect("this coordinator is not the leader").await;
+        }
+        if self.ctx.node.quorum_lost_for().is_some() {
+            return self
+                .redirect("this coordinator has lost contact with the majority")
+                .await;
         }
 
         let node_id = self.ctx.node.id();
@@ -311,6 +319,11 @@ impl Session {
     ) -> Result<(), SessionError> {
         if !self.ctx.node.is_leader() {
             self.redirect("leadership moved").await;
+            return Err(SessionError::Gone);
+        }
+        if self.ctx.node.quorum_lost_for().is_some() {
+            self.redirect("this coordinator has lost contact with the majority")
+                .await;
             return Err(SessionError::Gone);
         }
         if !self.ctx.registry.heartbeat(

@@ -261,6 +261,22 @@ impl pb::control_service_server::ControlService for ControlApi {
         req: Request<pb::RunActionRequest>,
     ) -> Result<Response<Self::RunActionStream>, Status> {
         let origin = authorize(&self.ctx, &req, "RunAction", Permission::Act)?;
+        // Acks, progress and results stream from the leader's live sessions: a follower
+        // would stream nothing (issue 2, defect 1). Send the caller to the leader (drctl
+        // retries there with the same request id), and refuse on a leader cut off from
+        // the majority, whose agents are roaming away.
+        if !self.ctx.node.is_leader() {
+            return Err(ApiError::from(crate::raft::ClusterError::NotLeader {
+                leader: self.ctx.node.leader(),
+            })
+            .into());
+        }
+        if let Some(lost) = self.ctx.node.quorum_lost_for() {
+            return Err(ApiError::from(crate::raft::WriteError::LostMajority {
+                for_ms: u64::try_from(lost.as_millis()).unwrap_or(u64::MAX),
+            })
+            .into());
+        }
         let r = req.into_inner();
         let action = r.action.filter(|a| a.kind.is_some()).ok_or_else(|| {
             ApiError::InvalidArgument(
@@ -561,6 +577,14 @@ impl Watcher {
                     return;
                 }
                 _ = self.tx.closed() => return,
+                // Shutting down: end the stream so the server can stop at once. The
+                // commands keep running; drctl retries elsewhere with the same request
+                // id and follows them there.
+                _ = self.ctx.registry.closing().cancelled() => {
+                    let msg = "this coordinator is shutting down; the commands keep running, retry to follow them at another coordinator";
+                    self.tx.send(Err(Status::unavailable(msg))).await.ok();
+                    return;
+                }
             }
         }
     }

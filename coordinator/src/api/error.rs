@@ -42,7 +42,9 @@ impl From<ApiError> for Status {
         let msg = e.to_string();
         match e {
             ApiError::Write(w) => match w {
-                WriteError::NoLeader { .. } | WriteError::ShuttingDown => Status::unavailable(msg),
+                WriteError::NoLeader { .. }
+                | WriteError::ShuttingDown
+                | WriteError::LostMajority { .. } => Status::unavailable(msg),
                 WriteError::Forward {
                     leader_id,
                     addr,

@@ -6,12 +6,16 @@
 //! JSON of `Result<Response, RaftError>` so a remote Raft error (e.g. a higher vote)
 //! reaches openraft as a `RemoteError`, not a network failure.
 //!
+//! Every completed RPC (outbound answered, or inbound from a coordinator, recorded by the
+//! service) stamps the peer's last-contact time: `cluster status` derives `reachable`
+//! from it, because replication progress alone keeps looking fine for a dead member.
+//!
 //! Errors that mean "could not reach the peer" map to `Unreachable`, which makes openraft
 //! back off instead of hammering a dead node; anything else is a `NetworkError`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dr_proto::pb;
 use dr_proto::pb::raft_service_client::RaftServiceClient;
@@ -35,6 +39,7 @@ use super::typ::{NodeId, NodeInfo, TypeConfig};
 pub struct Network {
     tls: ClientTls,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    contact: Arc<Mutex<HashMap<NodeId, Instant>>>,
 }
 
 /// Failure of one call to a peer, before openraft's error types are chosen.
@@ -53,7 +58,20 @@ impl Network {
         Network {
             tls,
             channels: Arc::default(),
+            contact: Arc::default(),
         }
+    }
+
+    /// Records that `peer` answered us or called us just now.
+    pub fn heard_from(&self, peer: NodeId) {
+        let mut map = self.contact.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(peer, Instant::now());
+    }
+
+    /// When `peer` last answered or called us.
+    pub fn last_contact(&self, peer: NodeId) -> Option<Instant> {
+        let map = self.contact.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&peer).copied()
     }
 
     /// The cached channel to `addr`, created on first use.
@@ -104,6 +122,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.addr.clone(),
             client: self.client(&node.addr),
+            network: self.clone(),
         }
     }
 }
@@ -113,6 +132,7 @@ pub struct PeerClient {
     target: NodeId,
     addr: String,
     client: Result<RaftServiceClient<Channel>, PeerCallError>,
+    network: Network,
 }
 
 #[derive(Clone, Copy)]
@@ -150,7 +170,10 @@ impl PeerClient {
             }
         };
         let reply = match tokio::time::timeout(timeout, fut).await {
-            Ok(Ok(r)) => r.into_inner(),
+            Ok(Ok(r)) => {
+                self.network.heard_from(self.target);
+                r.into_inner()
+            }
             Ok(Err(status)) => {
                 return Err(match classify_status(&self.addr, status) {
                     e @ PeerCallError::Unreachable { .. } => {

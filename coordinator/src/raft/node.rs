@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::log_store::{LogStore, LogStoreError};
 use super::network::{Network, PeerCallError, classify_status};
 use super::state_machine::{SharedState, StateMachineError, StateMachineStore};
-use super::typ::{NodeId, NodeInfo, Raft, RaftMetrics};
+use super::typ::{NodeId, NodeInfo, Raft, RaftMetrics, RaftServerMetrics};
 use super::{LEADER_ENDPOINT_HEADER, LEADER_ID_HEADER};
 use crate::config::Config;
 use crate::state::{Request, Response, State};
@@ -84,6 +84,12 @@ pub enum WriteError {
     Encode(String),
     #[error("shutting down")]
     ShuttingDown,
+    /// This node believes it leads but no quorum acknowledged it for longer than an
+    /// election timeout: the write would hang until a partition heals, so it is refused.
+    #[error(
+        "this coordinator has lost contact with the majority of coordinators (no quorum for {for_ms} ms); retry at a coordinator on the majority side"
+    )]
+    LostMajority { for_ms: u64 },
     #[error("raft stopped: {0}")]
     Fatal(String),
 }
@@ -147,6 +153,9 @@ struct Inner {
     log_store: LogStore,
     /// Configured peers (for `cluster_init` without members).
     peers: Vec<(NodeId, NodeInfo)>,
+    /// `election_timeout_max`: how long a leader may go without a quorum acknowledgement
+    /// before it counts as cut off (see [`RaftNode::quorum_lost_for`]).
+    quorum_grace: Duration,
     cancel: CancellationToken,
 }
 
@@ -220,6 +229,7 @@ impl RaftNode {
                 network,
                 log_store,
                 peers,
+                quorum_grace: config.raft.election_timeout_max,
                 cancel,
             }),
         })
@@ -234,21 +244,61 @@ impl RaftNode {
         &self.inner.raft
     }
 
-    /// Raft metrics, updated by openraft on every change.
+    /// Full Raft metrics. openraft sends on this watch after EVERY pass of its core loop,
+    /// changed or not, so never loop on its `changed()` (issue 2, defect 2: a task that
+    /// woke on it and then asked the core something kept three idle nodes at ~50% CPU
+    /// each). Wait on [`RaftNode::server_metrics`] instead.
     pub fn metrics(&self) -> watch::Receiver<RaftMetrics> {
         self.inner.raft.metrics()
+    }
+
+    /// Vote, role, leader and membership; notifies only when one of them changed.
+    pub fn server_metrics(&self) -> watch::Receiver<RaftServerMetrics> {
+        self.inner.raft.server_metrics()
     }
 
     /// Whether this node believes it leads (not confirmed by a quorum: see
     /// [`RaftNode::ensure_linearizable`]).
     pub fn is_leader(&self) -> bool {
-        self.inner.raft.metrics().borrow().current_leader == Some(self.inner.id)
+        self.inner.raft.server_metrics().borrow().current_leader == Some(self.inner.id)
     }
 
     /// The leader this node knows of, with its address.
     pub fn leader(&self) -> Option<(NodeId, NodeInfo)> {
-        let m = self.inner.raft.metrics().borrow().clone();
-        leader_of(&m, self.inner.id, &self.inner.me)
+        let m = self.inner.raft.server_metrics();
+        let m = m.borrow();
+        let id = m.current_leader?;
+        let info = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .cloned()
+            .or_else(|| (id == self.inner.id).then(|| self.inner.me.clone()))?;
+        Some((id, info))
+    }
+
+    /// When this node leads but no quorum has acknowledged it for longer than the
+    /// election timeout: for how long. By then the majority may have elected another
+    /// leader, so agents should roam and writes must not wait for a quorum that is not
+    /// coming (issue 2, defect 6). `None` on followers and on a healthy leader; a leader
+    /// that has not heard from a quorum yet at all (just elected) counts as healthy.
+    pub fn quorum_lost_for(&self) -> Option<Duration> {
+        if !self.is_leader() {
+            return None;
+        }
+        let ms = self.inner.raft.data_metrics().borrow().millis_since_quorum_ack?;
+        let since = Duration::from_millis(ms);
+        (since > self.inner.quorum_grace).then_some(since)
+    }
+
+    /// When this node last completed a Raft RPC with `peer` (either direction).
+    pub fn last_contact(&self, peer: NodeId) -> Option<Instant> {
+        self.inner.network.last_contact(peer)
+    }
+
+    /// The network layer (the Raft service records inbound contact on it).
+    pub fn network(&self) -> &Network {
+        &self.inner.network
     }
 
     /// Runs `f` on the applied state. The lock is held only for the call: never `.await`
@@ -267,7 +317,7 @@ impl RaftNode {
     /// Cancel safety: dropping the future may leave the write committed or not.
     pub async fn write(&self, req: Request) -> Result<(u64, Response), WriteError> {
         let start = Instant::now();
-        let mut metrics = self.inner.raft.metrics();
+        let mut metrics = self.inner.raft.server_metrics();
         let mut last_error = "no leader elected".to_owned();
         loop {
             if self.inner.cancel.is_cancelled() {
@@ -275,6 +325,11 @@ impl RaftNode {
             }
             match self.leader() {
                 Some((id, _)) if id == self.inner.id => {
+                    if let Some(lost) = self.quorum_lost_for() {
+                        return Err(WriteError::LostMajority {
+                            for_ms: u64::try_from(lost.as_millis()).unwrap_or(u64::MAX),
+                        });
+                    }
                     match self.inner.raft.client_write(req.clone()).await {
                         Ok(resp) => return Ok((resp.log_id.index, resp.data)),
                         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -539,11 +594,18 @@ impl RaftNode {
             .await
             .map_err(|e| ClusterError::Fatal(e.to_string()))?;
         let m = self.metrics().borrow().clone();
+        let window = self.inner.quorum_grace * 2;
+        let now = Instant::now();
+        let reachable = |id: NodeId| {
+            self.last_contact(id)
+                .is_some_and(|t| now.saturating_duration_since(t) <= window)
+        };
         Ok(status_from_metrics(
             &m,
             &self.inner.me,
             commit_index,
             confirmed,
+            reachable,
         ))
     }
 
@@ -596,6 +658,7 @@ pub fn status_from_metrics(
     me: &NodeInfo,
     commit_index: u64,
     linearizable: bool,
+    recently_heard: impl Fn(NodeId) -> bool,
 ) -> pb::ClusterStatusResponse {
     let membership = m.membership_config.membership();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -619,13 +682,10 @@ pub fn status_from_metrics(
             .and_then(|r| r.get(id))
             .map(|l| l.map_or(0, |l| l.index));
         let lag = matched.map(|i| last_log.saturating_sub(i));
-        // Reachable: ourselves; on the leader, peers whose replication is close behind;
-        // on a follower, the leader it hears from.
-        let reachable = *id == m.id
-            || match &m.replication {
-                Some(_) => lag.is_some_and(|l| l < 1000),
-                None => Some(*id) == m.current_leader,
-            };
+        // Reachable: ourselves, and any member we completed a Raft RPC with (either
+        // direction) within two election timeouts. Replication lag is no evidence: a
+        // SIGKILLed member keeps its last matched index forever (issue 2, defect 5).
+        let reachable = *id == m.id || recently_heard(*id);
         members.push(pb::MemberStatus {
             node_id: *id,
             addr: info.addr.clone(),

@@ -37,7 +37,10 @@ impl RaftApi {
     fn authorise<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let id = dr_proto::tls::peer_identity(req)?;
         match id.identity {
-            Identity::Coordinator { .. } => Ok(()),
+            Identity::Coordinator { node_id } => {
+                self.node.network().heard_from(node_id);
+                Ok(())
+            }
             other => {
                 self.metrics
                     .rpc_refused_total

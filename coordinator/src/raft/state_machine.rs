@@ -15,6 +15,10 @@
 //!   directory fsynced), so a crash leaves either the old or the new snapshot, never half
 //!   of one. Snapshot files are `snapshot-<index>-<term>-<leader>.json`, holding
 //!   [`SnapshotFile`].
+//! - The audit log in the state is bounded (see [`crate::state::audit`]): every
+//!   [`AUDIT_TRIM_BATCH`] entries beyond [`crate::state::audit::AUDIT_IN_STATE`], the oldest
+//!   are moved to `<data_dir>/audit-archive.jsonl` (one JSON entry per line), so snapshot
+//!   size and build time stay flat however long the cluster runs.
 
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
@@ -28,7 +32,12 @@ use tokio::sync::watch;
 use super::typ::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
+use crate::state::audit::AUDIT_IN_STATE;
 use crate::state::{self, State};
+
+/// Audit entries over the in-state bound that trigger one trim (trimming per entry would
+/// shift the whole vector on every apply).
+pub const AUDIT_TRIM_BATCH: usize = 1_000;
 
 /// What a snapshot carries, and what its bytes decode to on the wire.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,6 +174,31 @@ impl StateMachineStore {
     fn set_current(&self, meta: SnapshotMeta, data: Arc<Vec<u8>>) {
         let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
         *cur = Some((meta, data));
+    }
+
+    /// Appends audit entries trimmed from the state to this node's archive. Best effort:
+    /// the replicated state stays correct either way, and a failure is logged once per
+    /// batch. Not fsynced: the Raft log still holds these entries until it is purged.
+    fn archive_audit(&self, entries: &[crate::state::AuditEntry]) {
+        let Some(dir) = self.snapshot_dir.parent() else {
+            return;
+        };
+        let path = dir.join("audit-archive.jsonl");
+        let mut buf = Vec::with_capacity(entries.len() * 160);
+        for e in entries {
+            if serde_json::to_writer(&mut buf, e).is_ok() {
+                buf.push(b'\n');
+            }
+        }
+        let res = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&buf));
+        match res {
+            Ok(()) => tracing::debug!(count = entries.len(), path = %path.display(), "audit entries archived"),
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot archive audit entries"),
+        }
     }
 
     fn bump_applied(&self, index: u64) {
@@ -311,6 +345,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let mut responses = Vec::new();
+        let mut archived = Vec::new();
         let last = {
             let mut guard = self.shared.inner.write().unwrap_or_else(|p| p.into_inner());
             for entry in entries {
@@ -320,6 +355,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     EntryPayload::Normal(req) => {
                         let resp = state::apply(&mut guard.state, entry.log_id.index, &req);
                         responses.push(resp);
+                        if guard.state.audit.len() > AUDIT_IN_STATE + AUDIT_TRIM_BATCH {
+                            archived.extend(guard.state.audit.trim(AUDIT_IN_STATE));
+                        }
                     }
                     EntryPayload::Membership(m) => {
                         guard.last_membership = StoredMembership::new(Some(entry.log_id), m);
@@ -331,6 +369,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         if let Some(l) = last {
             self.bump_applied(l.index);
+        }
+        if !archived.is_empty() {
+            self.archive_audit(&archived);
         }
         Ok(responses)
     }

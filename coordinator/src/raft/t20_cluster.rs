@@ -298,3 +298,91 @@ async fn t21_raft_api_refuses_non_coordinators() {
     );
     n1.stop().await;
 }
+
+/// Issue 2, defect 2: openraft sends on its full metrics watch after every pass of the
+/// core loop, and the gauge updater used to wake on it and ask the core for its commit
+/// index, which is another pass: an idle node spun at tens of percent of a core. An idle
+/// single-node cluster with the updater running must see only a trickle of core passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t22_idle_node_does_not_spin_on_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let n1 = start_node(&ca, dir.path(), 1, 1000, 100).await;
+    n1.node.cluster_init(vec![member(&n1)]).await.unwrap();
+    wait_until("leader", Duration::from_secs(10), || n1.node.is_leader()).await;
+    let cancel = CancellationToken::new();
+    let updater = tokio::spawn(crate::metrics::run_raft_updater(
+        Arc::new(Metrics::new()),
+        n1.node.clone(),
+        None,
+        cancel.clone(),
+    ));
+    let mut rx = n1.node.metrics();
+    rx.borrow_and_update();
+    let mut passes = 0u32;
+    let window = tokio::time::sleep(Duration::from_secs(2));
+    tokio::pin!(window);
+    loop {
+        tokio::select! {
+            _ = &mut window => break,
+            r = rx.changed() => { r.unwrap(); passes += 1; }
+        }
+    }
+    cancel.cancel();
+    updater.await.unwrap();
+    // Before the fix this was bounded only by CPU speed (tens of thousands); now it is
+    // the updater's 1 s refresh plus openraft's own ticks.
+    assert!(passes < 200, "{passes} raft core passes in 2 s on an idle node");
+    n1.stop().await;
+}
+
+/// Issue 2, defects 5 and 6: a killed member stops being reachable, and a leader that
+/// lost its quorum says so and refuses writes at once instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t23_reachability_and_lost_quorum() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let n1 = start_node(&ca, dir.path(), 1, 1000, 100).await;
+    let n2 = start_node(&ca, dir.path(), 2, 1000, 100).await;
+    let n3 = start_node(&ca, dir.path(), 3, 1000, 100).await;
+    n1.node
+        .cluster_init(vec![member(&n1), member(&n2), member(&n3)])
+        .await
+        .unwrap();
+    wait_until("n1 leads", Duration::from_secs(10), || n1.node.is_leader()).await;
+    n1.node.write(request(1)).await.unwrap();
+    let reachable = |s: &pb::ClusterStatusResponse, id: u64| {
+        s.members.iter().find(|m| m.node_id == id).unwrap().reachable
+    };
+    let st = n1.node.cluster_status(false).await.unwrap();
+    assert!(reachable(&st, 2) && reachable(&st, 3), "{st:?}");
+    assert!(n1.node.quorum_lost_for().is_none());
+
+    // --- stop node 3: unreachable within two election timeouts, quorum kept
+    n3.stop().await;
+    let start = Instant::now();
+    loop {
+        let st = n1.node.cluster_status(false).await.unwrap();
+        if !reachable(&st, 3) {
+            assert!(reachable(&st, 2), "{st:?}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "node 3 still reachable: {st:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(n1.node.quorum_lost_for().is_none());
+    n1.node.write(request(2)).await.unwrap();
+
+    // --- stop node 2 as well: the leader knows it lost the majority, writes fail fast
+    n2.stop().await;
+    wait_until("quorum lost", Duration::from_secs(10), || {
+        n1.node.quorum_lost_for().is_some()
+    })
+    .await;
+    let t = Instant::now();
+    let err = n1.node.write(request(3)).await.unwrap_err();
+    assert!(matches!(err, super::WriteError::LostMajority { .. }), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(1), "took {:?}", t.elapsed());
+    assert!(err.to_string().contains("lost contact with the majority"));
+    n1.stop().await;
+}

@@ -45,3 +45,4 @@ pub type StoredMembership = openraft::StoredMembership<NodeId, NodeInfo>;
 pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, NodeInfo>;
 pub type Snapshot = openraft::Snapshot<TypeConfig>;
 pub type RaftMetrics = openraft::RaftMetrics<NodeId, NodeInfo>;
+pub type RaftServerMetrics = openraft::metrics::RaftServerMetrics<NodeId, NodeInfo>;

@@ -3,6 +3,14 @@
 //! Why it lives in the replicated state: "who did what, when, and did it work" must
 //! survive the loss of any coordinator and agree on every node. It is append-only; a
 //! later issue hash-chains the entries, so keep them plain data with a dense `seq`.
+//!
+//! Bounded in the state (issue 2, defect 2): every snapshot serialises the whole state,
+//! so an audit log that only grows makes every snapshot bigger and slower than the last.
+//! The state keeps the newest [`AUDIT_IN_STATE`] entries; older ones are handed to the
+//! Raft layer by [`AuditLog::trim`], which appends them to each node's local archive
+//! (`<data_dir>/audit-archive.jsonl`). Trimming happens at the same log positions on
+//! every node, so the state stays identical everywhere, and `seq` stays dense across the
+//! archive and the state, which is what a hash chain needs.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +30,9 @@ pub struct AuditEntry {
     /// `applied`, `unchanged`, or `refused: <reason>`.
     pub result: String,
 }
+
+/// Audit entries kept in the replicated state (and so in every snapshot).
+pub const AUDIT_IN_STATE: usize = 10_000;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AuditLog {
@@ -50,6 +61,17 @@ impl AuditLog {
             result,
         });
         seq
+    }
+
+    /// Removes and returns the oldest entries beyond `keep` (at least one entry stays, so
+    /// `seq` continues densely). Deterministic: call it at the same point on every node.
+    pub fn trim(&mut self, keep: usize) -> Vec<AuditEntry> {
+        let keep = keep.max(1);
+        if self.entries.len() <= keep {
+            return Vec::new();
+        }
+        let excess = self.entries.len() - keep;
+        self.entries.drain(..excess).collect()
     }
 
     pub fn entries(&self) -> &[AuditEntry] {
