@@ -23,6 +23,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 pub mod actions;
 pub mod backup;
+pub mod backup_verbs;
 pub mod config;
 pub mod exec;
 pub mod failover_verbs;
@@ -65,6 +66,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let mut registry = actions::Registry::default();
     let integrity = integrity::IntegrityMonitor::new(&config, health.clone());
     actions::register_security(&mut registry, &config, integrity.clone());
+    // Backup verbs; repository configs may name credential env vars, read once here.
+    backup_verbs::register(&mut registry, std::env::vars().collect());
     // Failover verbs (pg.*, traffic.*) and the self-fence, when this host has the parts.
     let failover = failover_verbs::build(&config).context("set up postgresql and traffic")?;
     failover_verbs::register(&mut registry, &failover);

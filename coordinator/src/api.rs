@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod backup;
 pub mod control;
 pub mod error;
 pub mod operations;

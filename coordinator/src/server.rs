@@ -149,6 +149,11 @@ async fn run_inner(
             ),
         )
         .add_service(
+            dr_proto::pb::backup_service_server::BackupServiceServer::new(
+                crate::api::backup::BackupApi::new(ctx.clone()),
+            ),
+        )
+        .add_service(
             RaftServiceServer::new(RaftApi::new(node.clone(), metrics.clone()))
                 .max_decoding_message_size(RAFT_MAX_MESSAGE)
                 .max_encoding_message_size(RAFT_MAX_MESSAGE),

@@ -21,6 +21,7 @@
 
 mod apply;
 pub mod audit;
+pub mod catalog;
 pub mod commands;
 pub mod operations;
 pub mod topology;
@@ -87,6 +88,8 @@ pub enum Command {
     ExpireCommands {
         now: i64,
     },
+    /// Backup catalog, policy and schedule marks (see [`catalog`]).
+    Backup(catalog::BackupCommand),
     /// Topology, database-cluster epochs and durable plans (see [`operations`]).
     Ops(operations::OpsCommand),
 }
@@ -103,6 +106,7 @@ impl Command {
             Command::CommandCompleted { .. } => "command_completed",
             Command::CancelCommand { .. } => "cancel_command",
             Command::ExpireCommands { .. } => "expire_commands",
+            Command::Backup(_) => "backup",
             Command::Ops(o) => o.name(),
         }
     }
@@ -168,6 +172,9 @@ pub struct State {
     pub hosts: std::collections::BTreeMap<String, Host>,
     pub commands: CommandBook,
     pub audit: AuditLog,
+    /// Backup catalog and policy; `default` so snapshots from before it load.
+    #[serde(default)]
+    pub catalog: catalog::Catalog,
     /// Topology, primaries and epochs, operations; `default` so older snapshots load.
     #[serde(default)]
     pub ops: operations::OpsState,

@@ -95,6 +95,9 @@ pub enum Command {
     },
     /// Start a local 3-coordinator, 5-agent cluster and walk through a leader failover.
     Demo(DemoArgs),
+    /// Backups: the catalog, run, verify, copy, and the backup policy.
+    #[command(subcommand)]
+    Backup(crate::cmd::backup::BackupCmd),
     /// Validate a topology file, show its diff and commit it (admin).
     Apply(crate::cmd::topology::ApplyArgs),
     /// The committed topology.

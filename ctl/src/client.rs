@@ -203,9 +203,24 @@ impl Client {
         F: Fn(ControlClient) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.call_service(what, ControlServiceClient::new, op).await
+    }
+
+    /// [`Client::call`] for another service on the same endpoints (`make` builds its
+    /// client from a channel, e.g. `BackupServiceClient::new`).
+    pub async fn call_service<C, T, F, Fut>(
+        &self,
+        what: &str,
+        make: fn(Channel) -> C,
+        op: F,
+    ) -> ClientResult<T>
+    where
+        F: Fn(C) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let mut attempts = Vec::new();
         for endpoint in &self.cfg.endpoints {
-            match self.try_endpoint(what, endpoint, &op).await {
+            match self.try_endpoint(what, endpoint, make, &op).await {
                 Step::Done(v) => return Ok(v),
                 Step::Next(reason) => {
                     debug!(endpoint = %endpoint, reason = %reason, "endpoint failed, trying the next");
@@ -220,9 +235,15 @@ impl Client {
         Err(ClientError::Unreachable { attempts })
     }
 
-    async fn try_endpoint<T, F, Fut>(&self, what: &str, first: &str, op: &F) -> Step<T>
+    async fn try_endpoint<C, T, F, Fut>(
+        &self,
+        what: &str,
+        first: &str,
+        make: fn(Channel) -> C,
+        op: &F,
+    ) -> Step<T>
     where
-        F: Fn(ControlClient) -> Fut,
+        F: Fn(C) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut endpoint = first.to_string();
@@ -242,7 +263,7 @@ impl Client {
             };
             let status = match tokio::time::timeout(
                 self.cfg.timeout,
-                op(ControlServiceClient::new(channel)),
+                op(make(channel)),
             )
             .await
             {

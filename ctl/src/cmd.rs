@@ -10,6 +10,7 @@ use crate::client::Client;
 use crate::config;
 
 pub mod agents;
+pub mod backup;
 pub mod cert;
 pub mod cluster;
 pub mod commands;
@@ -39,6 +40,7 @@ pub async fn dispatch(cli: Cli, env: &HashMap<String, String>) -> anyhow::Result
         Command::Cluster(c) => cluster::run(&connect()?, c, format).await,
         Command::Agents(c) => agents::run(&connect()?, c, format).await,
         Command::Run(args) => run::run(&connect()?, args, format).await,
+        Command::Backup(c) => backup::run(&connect()?, c, format).await,
         Command::Apply(a) => topology::apply(&connect()?, a, format).await,
         Command::Topology(c) => topology::run(&connect()?, c, format).await,
         Command::Failover(a) => failover::run(&connect()?, a, format).await,

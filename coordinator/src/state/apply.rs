@@ -56,6 +56,7 @@ pub fn apply(state: &mut State, log_index: u64, req: &Request) -> Response {
         Command::CancelCommand { key, reason } => {
             (key.clone(), cancel_command(state, at, key, reason))
         }
+        Command::Backup(b) => (b.target(), super::catalog::apply(state, at, &req.origin, b)),
         Command::Ops(o) => (
             o.target(),
             super::operations::apply_ops(state, log_index, at, &req.origin, o),
