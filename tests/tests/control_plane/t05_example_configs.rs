@@ -178,6 +178,11 @@ async fn every_example_config_is_accepted_by_its_binary() -> Result<()> {
                 // Read by `dr-agent ... --repo-config FILE`; covered by the backup suite.
                 info!("repository.toml is validated by the backup suite");
             }
+            "backup-policy.toml" => {
+                // Applied with `drctl backup policy apply -f`; parsed and validated (time
+                // zone, cron lines) by dr-coordinator's api::backup::tests::t10.
+                info!("backup-policy.toml is validated by the coordinator's unit tests");
+            }
             other => {
                 bail!("no validator for deploy/examples/{other}: add it to t05_example_configs")
             }
