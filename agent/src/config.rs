@@ -1483,6 +1483,65 @@ mod tests {
     }
 
     #[test]
+    fn security_tables_parse() {
+        let text = format!(
+            "{EXAMPLE}\n[isolation]\nallow = [\"10.0.0.5/32:22\"]\n\n[rotation]\ndb_admin_url = \"postgres://postgres:pw@127.0.0.1/postgres\"\n\n[[rotation.roles]]\nname = \"app\"\nfiles = [{{ path = \"app.env\", format = \"env\", key = \"DB_PASSWORD\" }}]\nreload = [{{ unit = \"app.service\" }}, {{ command = [\"./reload\"] }}]\n\n[integrity]\npaths = [\"agent.toml\"]\ninterval = \"1m\"\n"
+        );
+        let cfg = Config::parse(&text, Path::new("/etc/dr/agent.toml")).unwrap();
+        assert_eq!(cfg.isolation.allow[0].to_string(), "10.0.0.5/32:22");
+        let role = &cfg.rotation.roles[0];
+        assert_eq!(role.files[0].path, PathBuf::from("/etc/dr/app.env"));
+        assert_eq!(
+            role.files[0].format,
+            SecretFormat::Env {
+                key: "DB_PASSWORD".into()
+            }
+        );
+        assert_eq!(
+            role.reload,
+            vec![
+                Reload::Unit("app.service".into()),
+                Reload::Command(vec!["/etc/dr/./reload".into()])
+            ]
+        );
+        assert!(cfg.rotation.terminate_sessions);
+        assert_eq!(
+            cfg.integrity.paths,
+            vec![PathBuf::from("/etc/dr/agent.toml")]
+        );
+        assert_eq!(cfg.integrity.interval, Duration::from_secs(60));
+        assert_eq!(
+            cfg.integrity.high_interval,
+            defaults::INTEGRITY_HIGH_INTERVAL
+        );
+    }
+
+    #[test]
+    fn security_tables_refuse_mistakes() {
+        let bad_allow = format!("{EXAMPLE}\n[isolation]\nallow = [\"10.0.0.5/40\"]\n");
+        let err = parse(&bad_allow).unwrap_err();
+        assert!(err.contains("invalid value for `allow`"), "{err}");
+        let typo = format!("{EXAMPLE}\n[isolation]\nalow = []\n");
+        assert!(parse(&typo).unwrap_err().contains("unknown field `alow`"));
+        let no_admin = format!("{EXAMPLE}\n[[rotation.roles]]\nname = \"app\"\n");
+        assert!(
+            parse(&no_admin)
+                .unwrap_err()
+                .contains("need `db_admin_url`")
+        );
+        let env_without_key = format!(
+            "{EXAMPLE}\n[[rotation.app_secrets]]\nname = \"k\"\nfiles = [{{ path = \"x\", format = \"env\" }}]\n"
+        );
+        assert!(
+            parse(&env_without_key)
+                .unwrap_err()
+                .contains("invalid secret file")
+        );
+        let zero = format!("{EXAMPLE}\n[integrity]\ninterval = \"0s\"\n");
+        assert!(parse(&zero).unwrap_err().contains("must be above zero"));
+    }
+
+    #[test]
     fn redacts_passwords() {
         assert_eq!(
             redact_url("postgres://u:secret@h:5432/db"),
