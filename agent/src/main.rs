@@ -26,6 +26,10 @@ struct Cli {
     /// Log format: text or json (default: the config's `log_format`, else text).
     #[arg(long, env = "DR_AGENT_LOG_FORMAT", global = true)]
     log_format: Option<LogFormat>,
+    /// Validate the configuration and its TLS files, then exit (0 valid, 2 invalid with
+    /// file, line and key).
+    #[arg(long, global = true)]
+    check_config: bool,
     /// Without a subcommand the agent runs as a daemon (same as `run`).
     #[command(subcommand)]
     command: Option<Command>,
@@ -84,6 +88,18 @@ fn run_daemon(cli: &Cli) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if cli.check_config {
+        return match check_tls(&config, path) {
+            Ok(()) => {
+                println!("{}: ok", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("dr-agent: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     init_tracing(cli.log_format.unwrap_or(config.log_format));
     // One thread is plenty for an agent at rest (a few checks a second, one stream); blocking
     // work (statvfs, file writes) goes to the blocking pool.
@@ -105,6 +121,32 @@ fn run_daemon(cli: &Cli) -> ExitCode {
             eprintln!("dr-agent: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Loads the `[tls]` files as the daemon will and checks the certificate is this host's
+/// agent certificate (an agent may only speak for its own host).
+fn check_tls(config: &Config, path: &std::path::Path) -> anyhow::Result<()> {
+    let tls = dr_proto::tls::ClientTls::load(&config.tls).with_context(|| {
+        format!(
+            "{}: [tls] ca {}, cert {}, key {}",
+            path.display(),
+            config.tls.ca.display(),
+            config.tls.cert.display(),
+            config.tls.key.display()
+        )
+    })?;
+    match tls.own_identity().identity {
+        dr_proto::identity::Identity::Agent { host_id } if host_id == config.host_id => Ok(()),
+        other => anyhow::bail!(
+            "{}: [tls] cert {} names {} {}, but host_id is {}: issue an agent certificate for {}",
+            path.display(),
+            config.tls.cert.display(),
+            other.kind(),
+            other.name(),
+            config.host_id,
+            config.host_id
+        ),
     }
 }
 

@@ -4,6 +4,10 @@
 //!
 //! Exit codes: 0 clean shutdown, 1 runtime failure (error chain on stderr), 2 bad
 //! command line or configuration (one line naming file, line and key).
+//!
+//! `--check-config` validates the file and the TLS files it names (they exist, parse, and
+//! the certificate is this node's coordinator certificate), prints `ok`, and exits 0, or
+//! prints the error and exits 2: what a deploy pipeline runs before a restart.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,6 +25,9 @@ struct Cli {
     /// Log format; overrides `log_format` in the config.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Validate the configuration and its TLS files, then exit (0 valid, 2 invalid).
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn main() -> ExitCode {
@@ -32,6 +39,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if cli.check_config {
+        return match check_tls(&config) {
+            Ok(()) => {
+                println!("{}: ok", cli.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("dr-coordinator: invalid configuration: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     init_tracing(cli.log_format.unwrap_or(config.log_format));
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -51,6 +70,36 @@ fn main() -> ExitCode {
             eprintln!("dr-coordinator: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Loads the `[tls]` files the way the server will and checks that the certificate is
+/// this node's.
+fn check_tls(config: &Config) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let paths = dr_coordinator::server::tls_paths(&config.tls);
+    let server = dr_proto::tls::ServerTls::load(&paths).with_context(|| {
+        format!(
+            "[tls] in {}: ca {}, cert {}, key {}",
+            config.origin,
+            paths.ca.display(),
+            paths.cert.display(),
+            paths.key.display()
+        )
+    })?;
+    match server.own_identity().identity {
+        dr_proto::identity::Identity::Coordinator { node_id } if node_id == config.node_id => {
+            Ok(())
+        }
+        other => anyhow::bail!(
+            "{}: [tls] cert {} names {} {}, but node_id is {}: issue a coordinator certificate for node {}",
+            config.origin,
+            paths.cert.display(),
+            other.kind(),
+            other.name(),
+            config.node_id,
+            config.node_id
+        ),
     }
 }
 

@@ -2,13 +2,11 @@
 //! it. The examples are what operators copy; a renamed key that the examples still use
 //! would otherwise only show up in production.
 //!
-//! Preferred check: `BIN --config FILE --check-config` (validate, exit 0). While the
-//! binaries have no such flag, the fallback starts them with a copy of the example whose
-//! machine-touching values (listen addresses, data dirs, coordinator endpoints) point into
-//! the test dir and 127.0.0.1 (keys unchanged, so parsing is fully exercised), and asserts
-//! the process got past configuration: it either runs, or fails for another reason than a
-//! configuration error (exit code 2 with "file, line and key" is the config-error
-//! contract of both daemons).
+//! The check is `BIN --config FILE --check-config` (validate the file and its TLS files,
+//! exit 0; or exit 2 naming file, line and key). The example's `[tls]` paths point at
+//! /etc/dr/tls, so the test checks a copy whose `ca`/`cert`/`key` name certificates
+//! issued here for the example's own identity; every other key is unchanged. A copy with
+//! an unknown key and one with a missing certificate must be refused with exit code 2.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,9 +14,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use dr_tests::harness::bins::Bins;
 use dr_tests::harness::cluster::{cli, run_drctl};
+use dr_tests::harness::certs::Pki;
 use dr_tests::harness::ports::closed_addr;
-use dr_tests::{ChildGuard, ChildSpec, TestDir, init_tracing, wait_until};
-use tracing::{info, warn};
+use dr_tests::{ChildGuard, ChildSpec, TestDir, init_tracing};
+use tracing::info;
 
 fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")
@@ -39,13 +38,8 @@ fn rewrite(text: &str, subst: &[(&str, String)]) -> String {
         .join("\n")
 }
 
-/// Runs `BIN --config FILE --check-config`; `Ok(None)` if the binary has no such flag.
-async fn check_config_flag(
-    dir: &TestDir,
-    name: &str,
-    bin: &Path,
-    file: &Path,
-) -> Result<Option<String>> {
+/// Runs `BIN --config FILE --check-config` and returns its exit code and output.
+async fn check_config(dir: &TestDir, name: &str, bin: &Path, file: &Path) -> Result<(i32, String)> {
     let mut g = ChildGuard::spawn(
         ChildSpec::new(
             format!("{name}-check"),
@@ -55,55 +49,7 @@ async fn check_config_flag(
         .args(cli::check_config_args(file)),
     )?;
     let st = g.wait_exit(Duration::from_secs(60)).await?;
-    let log = g.log();
-    if log.contains("unexpected argument '--check-config'") {
-        return Ok(None);
-    }
-    if !st.success() {
-        bail!(
-            "{} --check-config refused {}: {log}",
-            bin.display(),
-            file.display()
-        );
-    }
-    Ok(Some(log))
-}
-
-/// Fallback: start the daemon with a sandboxed copy and see it get past configuration.
-async fn start_with_example(dir: &TestDir, name: &str, bin: &Path, copy: &Path) -> Result<()> {
-    let mut g = ChildGuard::spawn(
-        ChildSpec::new(name, bin, dir.log_path(name))
-            .args(cli::daemon_args(copy))
-            .cwd(dir.path()),
-    )?;
-    // Logging starts after the config is loaded: any line past the harness header, or an
-    // exit, means configuration is decided.
-    wait_until(
-        &format!("{name} gets past configuration"),
-        Duration::from_secs(60),
-        Duration::from_millis(100),
-        || {
-            let decided = g.log().lines().count() > 1;
-            let exited = g.try_exit().is_some();
-            async move { Ok((decided || exited).then_some(())) }
-        },
-    )
-    .await?;
-    let exit = g.try_exit();
-    let log = g.log();
-    if exit.and_then(|s| s.code()) == Some(2) || log.contains("invalid configuration") {
-        bail!(
-            "{name} refused the example config {}: {log}",
-            copy.display()
-        );
-    }
-    info!(
-        name,
-        ?exit,
-        "example config accepted (process got past configuration)"
-    );
-    g.stop().await?;
-    Ok(())
+    Ok((st.code().unwrap_or(-1), g.log()))
 }
 
 #[tokio::test]
@@ -111,8 +57,8 @@ async fn every_example_config_is_accepted_by_its_binary() -> Result<()> {
     init_tracing();
     let mut dir = TestDir::new()?;
     let bins = Bins::locate()?;
-    let mut missing_flag = Vec::new();
     let mut seen = Vec::new();
+    let pki = Pki::init(&bins.drctl, &dir.join("pki"), "examples.test").await?;
 
     for entry in std::fs::read_dir(examples_dir()).context("read deploy/examples")? {
         let path = entry?.path();
@@ -128,34 +74,46 @@ async fn every_example_config_is_accepted_by_its_binary() -> Result<()> {
         info!("--- {file}");
         match file.as_str() {
             "coordinator.toml" | "agent.toml" => {
-                let (name, bin) = if file == "agent.toml" {
-                    ("dr-agent", &bins.agent)
+                let (name, bin, certs) = if file == "agent.toml" {
+                    ("dr-agent", &bins.agent, pki.agent("bj-db-1").await?)
                 } else {
-                    ("dr-coordinator", &bins.coordinator)
+                    ("dr-coordinator", &bins.coordinator, pki.coordinator(1).await?)
                 };
-                if check_config_flag(&dir, name, bin, &path).await?.is_some() {
-                    continue;
-                }
-                missing_flag.push(name);
-                let data = dir.join(format!("{name}-data"));
+                let tls = [
+                    ("ca", format!("\"{}\"", pki.ca().display())),
+                    ("cert", format!("\"{}\"", certs.cert.display())),
+                    ("key", format!("\"{}\"", certs.key.display())),
+                ];
                 let copy = dir.join(&file);
-                let closed = closed_addr()?.to_string();
-                let sandboxed = rewrite(
-                    &text,
-                    &[
-                        ("listen", format!("\"127.0.0.1:{}\"", closed_addr()?.port())),
-                        (
-                            "metrics_listen",
-                            format!("\"127.0.0.1:{}\"", closed_addr()?.port()),
-                        ),
-                        ("advertise", format!("\"{closed}\"")),
-                        ("data_dir", format!("\"{}\"", data.display())),
-                        ("coordinators", format!("[\"{closed}\"]")),
-                        ("addr", format!("\"{closed}\"")),
-                    ],
+                std::fs::write(&copy, rewrite(&text, &tls))?;
+                let (code, log) = check_config(&dir, name, bin, &copy).await?;
+                if code != 0 {
+                    bail!("{name} --check-config refused the example {file} (exit {code}): {log}");
+                }
+                info!(name, "example config accepted by --check-config");
+
+                info!("--- {file} with an unknown key is refused with file, line and key");
+                let bad = dir.join(format!("bad-key-{file}"));
+                let mut lines: Vec<String> =
+                    rewrite(&text, &tls).lines().map(str::to_owned).collect();
+                lines.insert(2, "colour = \"blue\"".to_owned());
+                std::fs::write(&bad, lines.join("\n"))?;
+                let (code, log) = check_config(&dir, name, bin, &bad).await?;
+                assert_eq!(code, 2, "{log}");
+                let shown = bad.display().to_string();
+                assert!(
+                    log.contains(&format!("{shown}:3")) && log.contains("colour"),
+                    "expected {shown}:3 and the key in: {log}"
                 );
-                std::fs::write(&copy, sandboxed)?;
-                start_with_example(&dir, name, bin, &copy).await?;
+
+                info!("--- {file} naming a missing certificate is refused");
+                let missing = dir.join(format!("missing-cert-{file}"));
+                let mut tls2 = tls.clone();
+                tls2[1].1 = format!("\"{}\"", dir.join("nope.pem").display());
+                std::fs::write(&missing, rewrite(&text, &tls2))?;
+                let (code, log) = check_config(&dir, name, bin, &missing).await?;
+                assert_eq!(code, 2, "{log}");
+                assert!(log.contains("nope.pem"), "{log}");
             }
             "drctl.toml" => {
                 // drctl loads and validates its config before anything else; the example's
@@ -192,12 +150,6 @@ async fn every_example_config_is_accepted_by_its_binary() -> Result<()> {
         assert!(
             seen.iter().any(|s| s == required),
             "deploy/examples/{required} is missing"
-        );
-    }
-    if !missing_flag.is_empty() {
-        warn!(
-            "{missing_flag:?} have no --check-config flag; the examples were checked by starting \
-             the binaries (please add `--check-config`: validate and exit)"
         );
     }
     dir.passed();
