@@ -294,6 +294,23 @@ impl Isolator {
         })
     }
 
+    /// Re-installs the isolation table when a saved ruleset says the host is isolated but
+    /// the table is gone (a reboot, or someone flushed the ruleset). Returns whether it did.
+    /// Why: rebooting a breached host must not be a way out of isolation.
+    pub async fn reapply_if_isolated(
+        &self,
+        coordinators: &[Endpoint],
+        allow: &[AllowRule],
+    ) -> IsolateResult<bool> {
+        if read_opt(&self.saved_path()).await?.is_none() || self.table_loaded().await? {
+            return Ok(false);
+        }
+        self.load_script("isolation.nft", &rules::render(coordinators, allow))
+            .await?;
+        warn!("host was isolated and the isolation table was gone: re-installed");
+        Ok(true)
+    }
+
     /// Restores the saved ruleset exactly and proves it. Idempotent (a host that is not
     /// isolated is left alone).
     pub async fn unisolate(&self) -> IsolateResult<UnisolateReport> {
@@ -428,6 +445,29 @@ pub async fn resolve_coordinators(endpoints: &[String]) -> IsolateResult<Vec<End
     }
     out.sort();
     Ok(out)
+}
+
+/// Run once at agent start (see [`Isolator::reapply_if_isolated`]). Hosts that were never
+/// isolated are not touched (and need no `nft`).
+pub async fn reapply_at_start(config: Arc<Config>) {
+    let iso = Isolator::new(Nft::system(), &config.data_dir, config.host_id.clone());
+    if !tokio::fs::try_exists(iso.saved_path())
+        .await
+        .unwrap_or(false)
+    {
+        return;
+    }
+    let result = match resolve_coordinators(&config.coordinators).await {
+        Ok(c) => iso.reapply_if_isolated(&c, &config.isolation.allow).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(true) => info!("isolation re-applied at start"),
+        Ok(false) => info!("host is isolated, isolation table present"),
+        Err(e) => {
+            tracing::error!("host should be isolated but isolation could not be re-applied: {e}")
+        }
+    }
 }
 
 fn refuse_args(verb: &str, args: &HashMap<String, String>) -> Option<ActionOutput> {

@@ -124,6 +124,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .run(background_cancel.child_token())
             .instrument(info_span!("integrity")),
     );
+    background_tasks
+        .spawn(isolate::reapply_at_start(config.clone()).instrument(info_span!("isolation")));
     let session_task = {
         let (cancel, tx) = (session_cancel.clone(), essential_tx.clone());
         tokio::spawn(

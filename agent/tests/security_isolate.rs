@@ -228,6 +228,7 @@ async fn t10_isolate_blocks_new_flows_keeps_coordinator_and_restores_exactly() {
         ns.peer_ip
     );
     let config = Arc::new(Config::parse(&text, &data.path().join("agent.toml")).unwrap());
+    let config_data_dir = config.data_dir.clone();
     let mut reg = Registry::default();
     isolate::register(
         &mut reg,
@@ -282,6 +283,32 @@ async fn t10_isolate_blocks_new_flows_keeps_coordinator_and_restores_exactly() {
             )
             .await;
         assert!(!refused.success && refused.message.contains("takes no arguments"));
+    }
+
+    // --- a reboot (ruleset back to the operator's) does not lift isolation
+    {
+        let boot = data.path().join("boot.nft");
+        std::fs::write(&boot, format!("flush ruleset\n{OPERATOR_RULES}")).unwrap();
+        ns.nft(&["-f", boot.to_str().unwrap()]);
+        try_connect(&ns.peer, app).expect("after the 'reboot' the app port is open");
+        let iso = isolate::Isolator::new(
+            Nft::with_argv(
+                ["ip", "netns", "exec", &ns.host, "nft"]
+                    .map(String::from)
+                    .to_vec(),
+            ),
+            &config_data_dir,
+            "h1",
+        );
+        let coords = isolate::resolve_coordinators(&[coord.to_string()])
+            .await
+            .unwrap();
+        assert!(iso.reapply_if_isolated(&coords, &[]).await.unwrap());
+        assert!(try_connect(&ns.peer, app).is_err(), "isolated again");
+        assert!(
+            !iso.reapply_if_isolated(&coords, &[]).await.unwrap(),
+            "idempotent"
+        );
     }
 
     // --- unisolate restores byte for byte
