@@ -10,6 +10,7 @@ mod t05_example_configs;
 mod t10_basic;
 mod t20_leader_crash;
 mod t30_partition;
+mod t32_lost_majority;
 mod t40_refusals;
 mod t50_exactly_once;
 mod t60_demo;
