@@ -305,8 +305,9 @@ pub enum InternalEffect {
     MetricsRecorded,
 }
 
+/// Tagged `ops` (not `type`): it travels inside `Command::Ops`, whose own tag is `type`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "ops", rename_all = "snake_case")]
 pub enum OpsCommand {
     ApplyTopology {
         spec: TopologySpec,
