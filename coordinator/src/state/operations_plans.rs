@@ -236,13 +236,17 @@ pub fn planned_switchover(
         OnFailure::Abort,
     ));
     let (slot, app) = replication_args(spec, cluster, old);
+    let primary_conninfo = spec
+        .cluster(cluster)
+        .and_then(|c| c.replication.conninfo.get(candidate).cloned())
+        .unwrap_or_else(|| format!("host={candidate}"));
     steps.push(agent(
         "reattach_old_primary",
         host(old),
         generic(
             "pg.configure-standby",
             &[
-                ("primary_host", "${candidate}"),
+                ("primary", &primary_conninfo),
                 ("slot", &slot),
                 ("application_name", &app),
                 ("epoch", "${epoch}"),

@@ -112,6 +112,10 @@ pub struct ReplicationSpec {
     /// `application_name` the replicas use (synchronous_standby_names refers to it).
     #[serde(default)]
     pub application_name: String,
+    /// Per member: the libpq conninfo replicas use to stream from it when it is primary
+    /// (`pg.configure-standby {primary}`), e.g. "host=10.20.1.5 port=5432 user=replicator".
+    #[serde(default)]
+    pub conninfo: BTreeMap<String, String>,
     /// Wait for the candidate to replay this close to the primary before a planned switch.
     #[serde(default)]
     pub synchronous: bool,
