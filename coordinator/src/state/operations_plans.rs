@@ -7,7 +7,7 @@
 //!
 //! Agent verbs used (the agent's pg / traffic modules): `pg.stop {mode}` → details
 //! `checkpoint_lsn`; `pg.wait-replay {lsn}`; `pg.promote {epoch}`; `pg.configure-standby
-//! {primary_host, slot, application_name, epoch}`; `pg.start {epoch}`; `pg.fence {reason}`;
+//! {primary (conninfo), slot, application_name, epoch}`; `pg.start {epoch}`; `pg.fence {reason}`;
 //! `traffic.apply {provider, plan}` with the plan as JSON `{"regions": {r: {endpoints, weight}}}`.
 
 use std::collections::BTreeMap;
