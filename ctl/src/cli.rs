@@ -276,6 +276,31 @@ pub enum ActionCmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run an agent verb with KEY=VALUE arguments (KEY=@FILE reads the value from a file):
+    /// e.g. `verb isolate`, `verb rotate-credentials scope=db`,
+    /// `verb security-monitoring level=high`, `verb pg.status`, `verb traffic.status`.
+    Verb {
+        name: String,
+        #[arg(value_parser = parse_verb_arg)]
+        args: Vec<(String, String)>,
+    },
+}
+
+/// `KEY=VALUE`, or `KEY=@FILE` to read the value from a file (certificates, keys: never typed
+/// on a command line, where they would land in shell history).
+fn parse_verb_arg(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("`{s}` has an empty key"));
+    }
+    let v = match v.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the value of `{k}` from {path}: {e}"))?,
+        None => v.to_string(),
+    };
+    Ok((k.to_string(), v))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -371,6 +396,48 @@ mod tests {
         };
         assert_eq!(name, "flush");
         assert_eq!(args, vec!["--all", "-n", "3"]);
+    }
+
+    #[test]
+    fn verb_arguments_are_key_value_and_can_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("new.pem");
+        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let at = format!("cert_pem=@{}", pem.display());
+        let cli = Cli::try_parse_from([
+            "drctl",
+            "run",
+            "--host",
+            "h",
+            "verb",
+            "rotate-credentials",
+            "scope=certs",
+            &at,
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        let ActionCmd::Verb { name, args } = run.action else {
+            panic!("not verb")
+        };
+        assert_eq!(name, "rotate-credentials");
+        assert_eq!(
+            args,
+            vec![
+                ("scope".to_string(), "certs".to_string()),
+                (
+                    "cert_pem".to_string(),
+                    "-----BEGIN CERTIFICATE-----\n".to_string()
+                )
+            ]
+        );
+        for bad in ["noequals", "=x", "k=@/nonexistent/file"] {
+            assert!(
+                Cli::try_parse_from(["drctl", "run", "--host", "h", "verb", "v", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub fn action_of(cmd: &ActionCmd) -> pb::Action {
             name: name.clone(),
             args: args.clone(),
         }),
+        ActionCmd::Verb { name, args } => Kind::Generic(pb::Generic {
+            verb: name.clone(),
+            args: args.iter().cloned().collect(),
+        }),
     };
     pb::Action { kind: Some(kind) }
 }
@@ -80,7 +84,13 @@ pub fn describe_action(action: Option<&pb::Action>) -> String {
         }
         Some(Kind::SmokeTest(s)) => format!("smoke-test{}", names(&s.names)),
         Some(Kind::Exec(e)) => format!("exec {}{}", e.name, names(&e.args)),
-        Some(Kind::Generic(g)) => format!("{} (generic)", g.verb),
+        Some(Kind::Generic(g)) => {
+            // Argument names only: values may be secrets (certificates, keys).
+            let mut keys: Vec<&String> = g.args.keys().collect();
+            keys.sort();
+            let keys: Vec<String> = keys.into_iter().map(|k| format!("{k}=…")).collect();
+            format!("{}{}", g.verb, names(&keys))
+        }
     }
 }
 
@@ -289,6 +299,25 @@ impl Follow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verbs_become_generic_actions_described_without_values() {
+        let a = action_of(&ActionCmd::Verb {
+            name: "rotate-credentials".into(),
+            args: vec![
+                ("scope".into(), "db".into()),
+                ("key_pem".into(), "SECRET".into()),
+            ],
+        });
+        let Some(pb::action::Kind::Generic(g)) = &a.kind else {
+            panic!("not generic")
+        };
+        assert_eq!(g.verb, "rotate-credentials");
+        assert_eq!(g.args.get("scope").map(String::as_str), Some("db"));
+        let text = describe_action(Some(&a));
+        assert_eq!(text, "rotate-credentials key_pem=… scope=…");
+        assert!(!text.contains("SECRET"));
+    }
 
     #[test]
     fn actions_are_described() {
