@@ -261,12 +261,7 @@ impl Client {
                 Ok(c) => c,
                 Err(e) => return Step::Next(format!("{prefix}{e}")),
             };
-            let status = match tokio::time::timeout(
-                self.cfg.timeout,
-                op(make(channel)),
-            )
-            .await
-            {
+            let status = match tokio::time::timeout(self.cfg.timeout, op(make(channel))).await {
                 Err(_) => {
                     return Step::Next(format!(
                         "{prefix}no answer within {}",

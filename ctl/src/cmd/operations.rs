@@ -119,27 +119,22 @@ pub async fn follow(
                 continue;
             }
         };
-        loop {
-            match stream.message().await {
-                Ok(Some(op)) => {
-                    match format {
-                        OutputFormat::Json => {
-                            println!("{}", serde_json::to_string(&op).unwrap_or_default())
-                        }
-                        OutputFormat::Text => print!("{}", transitions(last.as_ref(), &op)),
-                    }
-                    let done = op.finished_at_unix_ms != 0;
-                    last = Some(op);
-                    if done {
-                        if format == OutputFormat::Text
-                            && let Some(op) = &last
-                        {
-                            print!("{}", summary(op));
-                        }
-                        return last.ok_or_else(|| anyhow::anyhow!("no operation"));
-                    }
+        while let Ok(Some(op)) = stream.message().await {
+            match format {
+                OutputFormat::Json => {
+                    println!("{}", serde_json::to_string(&op).unwrap_or_default())
                 }
-                Ok(None) | Err(_) => break,
+                OutputFormat::Text => print!("{}", transitions(last.as_ref(), &op)),
+            }
+            let done = op.finished_at_unix_ms != 0;
+            last = Some(op);
+            if done {
+                if format == OutputFormat::Text
+                    && let Some(op) = &last
+                {
+                    print!("{}", summary(op));
+                }
+                return last.ok_or_else(|| anyhow::anyhow!("no operation"));
             }
         }
     }
