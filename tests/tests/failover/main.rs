@@ -1,7 +1,9 @@
 //! Acceptance suite of the regional-failover issue (issue 5), against the REAL binaries.
 //!
-//! t10 needs only coordinators and agents (topology, plans, refusals). The PostgreSQL
-//! acceptance cases (switchover with a writer, region cut, leader killed at each step)
-//! need the agent's pg and traffic verbs and are added once those are merged.
+//! t10 needs only coordinators and agents (topology, plans, refusals). t20 is the planned
+//! switchover with real PostgreSQL 15 (primary + streaming replica, `pg_pair`) and a writer.
+//! Still to come: region cut, leader killed at each step, traffic through nginx/DNS.
 
+mod pg_pair;
 mod t10_topology;
+mod t20_switchover;
