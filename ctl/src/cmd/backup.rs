@@ -229,6 +229,9 @@ pub async fn run(client: &Client, cmd: BackupCmd, format: OutputFormat) -> anyho
             })
             .await?;
             let results = follow(client, &job, format, false).await?;
+            if format == OutputFormat::Json {
+                println!("{}", json(&results));
+            }
             let mut failed = Vec::new();
             for r in &results {
                 if format == OutputFormat::Text {
@@ -274,6 +277,9 @@ pub async fn run(client: &Client, cmd: BackupCmd, format: OutputFormat) -> anyho
             })
             .await?;
             let results = follow(client, &job, format, true).await?;
+            if format == OutputFormat::Json {
+                println!("{}", json(&results));
+            }
             for r in &results {
                 if format == OutputFormat::Text {
                     println!(
@@ -325,7 +331,8 @@ pub async fn run(client: &Client, cmd: BackupCmd, format: OutputFormat) -> anyho
     }
 }
 
-/// Follows a started job to its results, with a byte progress bar (rate, ETA).
+/// Follows a started job to its results, with a byte progress bar (rate, ETA). Prints no
+/// JSON itself: each caller prints exactly one JSON document, so `--output json` parses.
 async fn follow(
     client: &Client,
     job: &pb::StartJobResponse,
@@ -386,9 +393,6 @@ async fn follow(
             Some(Event::Result(r)) => {
                 if let Some(b) = bar.take() {
                     b.finish_and_clear();
-                }
-                if format == OutputFormat::Json {
-                    println!("{}", json(&r));
                 }
                 results.push(r);
             }
