@@ -40,6 +40,12 @@ pub struct Postgres {
 impl Postgres {
     /// initdb + start in `dir` (created), then waits until `select 1` answers.
     pub async fn start(dir: &Path, log: &Path) -> Result<Self> {
+        Self::start_with(dir, log, &[]).await
+    }
+
+    /// As [`Postgres::start`], with extra server settings passed as `-c NAME=VALUE`
+    /// (e.g. `archive_mode=on`, `archive_command=...`).
+    pub async fn start_with(dir: &Path, log: &Path, settings: &[String]) -> Result<Self> {
         let bin = pg_bin_dir();
         if !bin.join("initdb").is_file() {
             bail!(
@@ -100,6 +106,9 @@ impl Postgres {
             "-c".to_owned(),
             "fsync=off".to_owned(),
         ]);
+        for setting in settings {
+            spec = spec.args(["-c".to_owned(), setting.clone()]);
+        }
         spec.grace = Duration::from_secs(20);
         if let Some((uid, gid)) = user {
             spec = spec.user(uid, gid);
