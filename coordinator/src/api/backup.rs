@@ -384,7 +384,7 @@ impl pb::backup_service_server::BackupService for BackupApi {
                 let host = match policy.location(loc) {
                     Some(l)
                         if !l.copier_host.is_empty()
-                            && !b.locations.keys().next().is_some_and(|first| first == loc) =>
+                            && b.locations.keys().next().is_none_or(|first| first != loc) =>
                     {
                         l.copier_host.clone()
                     }

@@ -498,11 +498,10 @@ pub fn apply(state: &mut State, at: i64, origin: &str, cmd: &BackupCommand) -> R
                     .backups
                     .get_mut(id)
                     .and_then(|b| b.locations.get_mut(location))
+                    && p.marked_for_delete_at_unix_ms == 0
                 {
-                    if p.marked_for_delete_at_unix_ms == 0 {
-                        p.marked_for_delete_at_unix_ms = at;
-                        changed = true;
-                    }
+                    p.marked_for_delete_at_unix_ms = at;
+                    changed = true;
                 }
             }
             if changed {
