@@ -240,6 +240,18 @@ pub fn planned_switchover(
         .cluster(cluster)
         .and_then(|c| c.replication.conninfo.get(candidate).cloned())
         .unwrap_or_else(|| format!("host={candidate}"));
+    // The old primary streams from the new one through its own slot: make it there first
+    // (nothing else creates it, and a standby whose slot is missing never streams).
+    if !slot.is_empty() {
+        steps.push(agent(
+            "create_slot_for_old_primary",
+            host(candidate),
+            generic("pg.create-slot", &[("name", &slot)]),
+            60,
+            1,
+            OnFailure::Continue,
+        ));
+    }
     steps.push(agent(
         "reattach_old_primary",
         host(old),

@@ -134,14 +134,6 @@ async fn planned_switchover_with_writer_loses_nothing() -> Result<()> {
     info!("--- PostgreSQL 15: primary (beijing), streaming replica (shanghai)");
     let bj = PgNode::primary(&pgdir.path().join("bj"), &["dr_sh_db_1"]).await?;
     let sh = PgNode::replica(&pgdir.path().join("sh"), &bj, "dr_sh_db_1").await?;
-    {
-        // The slot the old primary will stream from once re-attached (physical slots can be
-        // made on a standby).
-        let mut c = sh.connect().await?;
-        sqlx::query("select pg_create_physical_replication_slot('dr_bj_db_1')")
-            .execute(&mut c)
-            .await?;
-    }
     assert!(!bj.in_recovery().await?);
     assert!(sh.in_recovery().await?);
 
