@@ -239,6 +239,19 @@ async fn scenario(
         },
     )
     .await?;
+    info!("--- shanghai keeps accepting writes past a lease (4 s): its agent holds the lease");
+    let before = acks.lock().await.len();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let recent: Vec<u16> = acks.lock().await[before..]
+        .iter()
+        .map(|(_, p)| *p)
+        .collect();
+    assert!(
+        recent.len() >= 30 && recent.iter().all(|p| *p == sh_port),
+        "{} writes in 7 s after the switchover, servers {:?}",
+        recent.len(),
+        recent.iter().collect::<std::collections::BTreeSet<_>>()
+    );
     stop.store(true, Ordering::SeqCst);
     let failures = w.await?;
     let acks = acks.lock().await.clone();
