@@ -207,6 +207,16 @@ fn planned_switchover_completes_and_records_metrics() {
     assert!(format!("{:?}", promote.action).contains("\"2\""));
     assert_eq!(promote.epoch, 2);
     assert_eq!(promote.db_cluster, "yeslocker");
+    // The old primary's slot is made on the new primary before the old one is re-attached.
+    let slot_step = step_index(op, "create_slot_for_old_primary");
+    assert_eq!(slot_step + 1, step_index(op, "reattach_old_primary"));
+    let slot = w
+        .state
+        .commands
+        .get(&command_key(id, slot_step, 1))
+        .expect("create-slot cmd");
+    assert_eq!(slot.host_id, "sh-db-1");
+    assert!(format!("{:?}", slot.action).contains("pg.create-slot"));
     // Compensation steps were skipped.
     assert!(
         op.steps
