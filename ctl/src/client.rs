@@ -275,7 +275,18 @@ impl Client {
                 Class::Tls(detail) => {
                     return Step::Fail(ClientError::CertRefused { endpoint, detail });
                 }
-                Class::Transport(detail) => return Step::Next(format!("{prefix}{detail}")),
+                Class::Transport(detail) => {
+                    // TLS 1.3: our handshake completes before the server has checked our
+                    // certificate, so a refusal may reach hyper only as "connection closed".
+                    // Ask the server once more, on a bare TLS stream, to read its alert.
+                    if let Some(alert) = self.tls_refusal(&endpoint).await {
+                        return Step::Fail(ClientError::CertRefused {
+                            endpoint,
+                            detail: alert,
+                        });
+                    }
+                    return Step::Next(format!("{prefix}{detail}"));
+                }
                 Class::Answer => {}
             }
             if status.code() == tonic::Code::Unavailable {
@@ -291,6 +302,40 @@ impl Client {
             }
             return Step::Fail(map_status(what, &endpoint, &status));
         }
+    }
+}
+
+impl Client {
+    /// The TLS refusal `endpoint` answers our certificate with, if it refuses it: a bare TLS
+    /// handshake, then the HTTP/2 preface, then one read. A server that accepted us answers
+    /// with its SETTINGS frame; one that refused us sends an alert (expired, unknown CA...).
+    async fn tls_refusal(&self, endpoint: &str) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let attempt = async {
+            let mut stream = match self.tls.connect_stream(endpoint).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let text = e.to_string();
+                    return looks_like_tls_refusal(&text).then_some(text);
+                }
+            };
+            if let Err(e) = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await {
+                let text = e.to_string();
+                return looks_like_tls_refusal(&text).then_some(text);
+            }
+            let mut buf = [0u8; 64];
+            match stream.read(&mut buf).await {
+                Err(e) => {
+                    let text = e.to_string();
+                    looks_like_tls_refusal(&text).then_some(text)
+                }
+                Ok(_) => None,
+            }
+        };
+        tokio::time::timeout(self.cfg.connect_timeout, attempt)
+            .await
+            .ok()
+            .flatten()
     }
 }
 
