@@ -13,6 +13,7 @@
 //! incremental, and `wal-push` of 10 real 16 MiB segments (fetched back from the archive)
 //! into a second repository, timed as the wall time of the `dr-agent` process.
 //! Peak RSS of the backup/restore process is read from /proc/<pid>/status (VmHWM).
+#![allow(clippy::let_underscore_must_use, clippy::cloned_ref_to_slice_refs)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench that cannot set up should stop loudly
 
 use std::path::{Path, PathBuf};
@@ -74,10 +75,10 @@ fn timed(c: &mut Command) -> (Duration, u64) {
     let status_path = format!("/proc/{}/status", child.id());
     let mut hwm = 0u64;
     loop {
-        if let Ok(s) = std::fs::read_to_string(&status_path) {
-            if let Some(v) = s.lines().find_map(|l| l.strip_prefix("VmHWM:")) {
-                hwm = hwm.max(v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0));
-            }
+        if let Ok(s) = std::fs::read_to_string(&status_path)
+            && let Some(v) = s.lines().find_map(|l| l.strip_prefix("VmHWM:"))
+        {
+            hwm = hwm.max(v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0));
         }
         if let Some(st) = child.try_wait().unwrap() {
             assert!(st.success(), "{c:?} failed");

@@ -2,6 +2,11 @@
 //! full → pgbench writes → incremental; each restores alone to exactly its own data through
 //! `restore_command = dr-agent wal-fetch`; then verify names a corrupted and a deleted chunk,
 //! and prune removes an orphan.
+#![allow(
+    clippy::unwrap_used,
+    clippy::let_underscore_must_use,
+    clippy::cloned_ref_to_slice_refs
+)]
 
 mod backup_support;
 

@@ -6,6 +6,11 @@
 //! server is gone: resets, then connection refused); the bucket's content survives to be
 //! checked, and the forwarder is restarted on the same port for the next backup. At the end
 //! moto itself is killed by PID and `wal-push` must fail with a non-zero exit.
+#![allow(
+    clippy::unwrap_used,
+    clippy::let_underscore_must_use,
+    clippy::cloned_ref_to_slice_refs
+)]
 
 mod backup_support;
 

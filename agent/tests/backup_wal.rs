@@ -1,4 +1,9 @@
 //! `dr-agent wal-push` / `wal-fetch` through the real binary, as PostgreSQL calls them.
+#![allow(
+    clippy::unwrap_used,
+    clippy::let_underscore_must_use,
+    clippy::cloned_ref_to_slice_refs
+)]
 
 mod backup_support;
 
