@@ -321,7 +321,15 @@ impl Session {
             first = false;
             match self.session(&endpoint, incarnation, &cancel).await {
                 Ok(Some(redirect)) => target = Some(redirect),
-                Ok(None) => {}
+                Ok(None) => {
+                    // Closed without a leader to go to (e.g. the leader lost its
+                    // quorum): pause, or 10,000 sessions would spin through endpoints.
+                    let jitter = Duration::from_millis(rand::random::<u64>() % 500);
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(100) + jitter) => {}
+                    }
+                }
                 Err(_) => {
                     self.counters.errors.fetch_add(1, Ordering::Relaxed);
                     let jitter = Duration::from_millis(rand::random::<u64>() % 1000);
@@ -460,7 +468,21 @@ async fn measure_round_trips(
             wait: true,
             request_id: uuid_like(),
         };
-        match client.run_action(req).await {
+        let mut answer = client.run_action(req.clone()).await;
+        // Only the leader streams acks and results: a follower answers `unavailable`
+        // naming the leader in `x-dr-leader` (as drctl does, follow it and stay there).
+        if let Err(s) = &answer
+            && s.code() == tonic::Code::Unavailable
+            && let Some(leader) = s
+                .metadata()
+                .get("x-dr-leader")
+                .and_then(|v| v.to_str().ok())
+            && let Ok(ch) = operator.connect(leader, Duration::from_secs(5)).await
+        {
+            client = pb::control_service_client::ControlServiceClient::new(ch);
+            answer = client.run_action(req).await;
+        }
+        match answer {
             Ok(resp) => {
                 let mut stream = resp.into_inner();
                 let mut done = false;

@@ -1,0 +1,96 @@
+# Shared helpers of the scripts/bench-*.sh benchmarks (sourced, not run).
+# Starts release binaries on 127.0.0.1 under a work dir; every process it starts is
+# recorded in $WORK/pids and stopped by PID on exit.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=${BIN:-$ROOT/target/release}
+WORK=${WORK:-$(mktemp -d /tmp/dr-bench.XXXXXX)}
+BASE_PORT=${BASE_PORT:-27100}
+mkdir -p "$WORK"
+: > "$WORK/pids"
+
+cleanup() {
+    while read -r pid; do kill -TERM "$pid" 2>/dev/null || true; done < "$WORK/pids"
+    sleep 1
+    while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done < "$WORK/pids"
+}
+trap cleanup EXIT
+
+now_ms() { date +%s%3N; }
+
+# setup_pki: CA, coordinators 1..3, an admin operator.
+setup_pki() {
+    "$BIN/drctl" cert init --trust-domain bench.dr --out "$WORK/tls" >/dev/null
+    for n in 1 2 3; do
+        "$BIN/drctl" cert issue --ca-dir "$WORK/tls" --kind coordinator --name "$n" >/dev/null
+    done
+    "$BIN/drctl" cert issue --ca-dir "$WORK/tls" --kind operator --name bench --role admin >/dev/null
+    cat > "$WORK/drctl.toml" <<EOT
+endpoints = ["127.0.0.1:$((BASE_PORT+1))", "127.0.0.1:$((BASE_PORT+2))", "127.0.0.1:$((BASE_PORT+3))"]
+timeout = "5s"
+[tls]
+ca = "$WORK/tls/ca.pem"
+cert = "$WORK/tls/operator-bench.pem"
+key = "$WORK/tls/operator-bench.key"
+EOT
+}
+
+# coord_config N: by default the election timings of deploy/examples/coordinator.toml
+# (override with HEARTBEAT, ELECTION_MIN, ELECTION_MAX).
+coord_config() {
+    local n=$1 regions=(x beijing shanghai witness)
+    {
+        echo "version = 1"
+        echo "node_id = $n"
+        echo "region = \"${regions[$n]}\""
+        echo "listen = \"127.0.0.1:$((BASE_PORT+n))\""
+        echo "data_dir = \"$WORK/data/coordinator-$n\""
+        for p in 1 2 3; do
+            [ "$p" = "$n" ] && continue
+            printf '[[peers]]\nnode_id = %s\naddr = "127.0.0.1:%s"\nregion = "%s"\n' "$p" "$((BASE_PORT+p))" "${regions[$p]}"
+        done
+        printf '[tls]\nca = "%s"\ncert = "%s"\nkey = "%s"\n' "$WORK/tls/ca.pem" "$WORK/tls/coordinator-$n.pem" "$WORK/tls/coordinator-$n.key"
+        printf '[raft]\nheartbeat_interval = "%s"\nelection_timeout_min = "%s"\nelection_timeout_max = "%s"\nsnapshot_every = 5000\n' "${HEARTBEAT:-150ms}" "${ELECTION_MIN:-600ms}" "${ELECTION_MAX:-1200ms}"
+        printf '[agents]\nheartbeat_interval = "1s"\ndown_after = "5s"\n'
+    } > "$WORK/coordinator-$n.toml"
+}
+
+# start_coord N: starts coordinator N, its PID in $WORK/coordinator-N.pid.
+start_coord() {
+    local n=$1
+    mkdir -p "$WORK/logs"
+    RUST_LOG=${RUST_LOG:-warn} "$BIN/dr-coordinator" --config "$WORK/coordinator-$n.toml" \
+        >>"$WORK/logs/coordinator-$n.log" 2>&1 &
+    echo $! > "$WORK/coordinator-$n.pid"
+    echo $! >> "$WORK/pids"
+}
+
+drctl() { "$BIN/drctl" --config "$WORK/drctl.toml" "$@"; }
+
+start_cluster() {
+    setup_pki
+    for n in 1 2 3; do coord_config "$n"; start_coord "$n"; done
+    local members=()
+    for n in 1 2 3; do
+        local r; r=$(sed -n 's/^region = "\(.*\)"/\1/p' "$WORK/coordinator-$n.toml")
+        members+=(--member "$n=127.0.0.1:$((BASE_PORT+n))@$r")
+    done
+    for _ in $(seq 1 100); do
+        drctl --endpoint "127.0.0.1:$((BASE_PORT+1))" cluster init "${members[@]}" >/dev/null 2>&1 && return 0
+        sleep 0.2
+    done
+    echo "cluster init failed" >&2
+    return 1
+}
+
+# leader_id: the leader's node id as node ENDPOINT sees it (0: none).
+leader_id() {
+    drctl --output json cluster status 2>/dev/null \
+        | python3 -c 'import json,sys; print(json.load(sys.stdin).get("leader_id", 0))' 2>/dev/null || echo 0
+}
+
+machine() {
+    echo "machine: $(nproc) vCPU, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -sr), load $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
+}
