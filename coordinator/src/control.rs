@@ -14,13 +14,13 @@
 
 pub mod dispatcher;
 pub mod expiry;
-pub mod failure_detector;
 pub mod failover;
+pub mod failure_detector;
 pub mod lease;
-pub mod retention;
-pub mod scheduler;
 pub mod plan_executor;
 pub mod region_detector;
+pub mod retention;
+pub mod scheduler;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,7 +39,11 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) -> anyhow::Result<()>
     // Server metrics notify only on a real change of role, term, leader or membership;
     // openraft's full metrics watch fires after every core pass (issue 2, defect 2).
     let mut metrics = ctx.node.server_metrics();
-    let quorum_check_every = ctx.config.raft.heartbeat_interval.max(Duration::from_millis(20));
+    let quorum_check_every = ctx
+        .config
+        .raft
+        .heartbeat_interval
+        .max(Duration::from_millis(20));
     loop {
         // --- wait for leadership
         while !ctx.node.is_leader() {

@@ -286,7 +286,12 @@ impl RaftNode {
         if !self.is_leader() {
             return None;
         }
-        let ms = self.inner.raft.data_metrics().borrow().millis_since_quorum_ack?;
+        let ms = self
+            .inner
+            .raft
+            .data_metrics()
+            .borrow()
+            .millis_since_quorum_ack?;
         let since = Duration::from_millis(ms);
         (since > self.inner.quorum_grace).then_some(since)
     }

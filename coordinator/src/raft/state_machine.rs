@@ -196,8 +196,12 @@ impl StateMachineStore {
             .open(&path)
             .and_then(|mut f| f.write_all(&buf));
         match res {
-            Ok(()) => tracing::debug!(count = entries.len(), path = %path.display(), "audit entries archived"),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot archive audit entries"),
+            Ok(()) => {
+                tracing::debug!(count = entries.len(), path = %path.display(), "audit entries archived")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot archive audit entries")
+            }
         }
     }
 

@@ -332,7 +332,10 @@ async fn t22_idle_node_does_not_spin_on_metrics() {
     updater.await.unwrap();
     // Before the fix this was bounded only by CPU speed (tens of thousands); now it is
     // the updater's 1 s refresh plus openraft's own ticks.
-    assert!(passes < 200, "{passes} raft core passes in 2 s on an idle node");
+    assert!(
+        passes < 200,
+        "{passes} raft core passes in 2 s on an idle node"
+    );
     n1.stop().await;
 }
 
@@ -352,7 +355,11 @@ async fn t23_reachability_and_lost_quorum() {
     wait_until("n1 leads", Duration::from_secs(10), || n1.node.is_leader()).await;
     n1.node.write(request(1)).await.unwrap();
     let reachable = |s: &pb::ClusterStatusResponse, id: u64| {
-        s.members.iter().find(|m| m.node_id == id).unwrap().reachable
+        s.members
+            .iter()
+            .find(|m| m.node_id == id)
+            .unwrap()
+            .reachable
     };
     let st = n1.node.cluster_status(false).await.unwrap();
     assert!(reachable(&st, 2) && reachable(&st, 3), "{st:?}");
@@ -367,7 +374,10 @@ async fn t23_reachability_and_lost_quorum() {
             assert!(reachable(&st, 2), "{st:?}");
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "node 3 still reachable: {st:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "node 3 still reachable: {st:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(n1.node.quorum_lost_for().is_none());
@@ -381,8 +391,15 @@ async fn t23_reachability_and_lost_quorum() {
     .await;
     let t = Instant::now();
     let err = n1.node.write(request(3)).await.unwrap_err();
-    assert!(matches!(err, super::WriteError::LostMajority { .. }), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(1), "took {:?}", t.elapsed());
+    assert!(
+        matches!(err, super::WriteError::LostMajority { .. }),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
     assert!(err.to_string().contains("lost contact with the majority"));
     n1.stop().await;
 }

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use dr_tests::harness::bins::Bins;
-use dr_tests::harness::cluster::{cli, run_drctl};
 use dr_tests::harness::certs::Pki;
+use dr_tests::harness::cluster::{cli, run_drctl};
 use dr_tests::harness::ports::closed_addr;
 use dr_tests::{ChildGuard, ChildSpec, TestDir, init_tracing};
 use tracing::info;
@@ -77,7 +77,11 @@ async fn every_example_config_is_accepted_by_its_binary() -> Result<()> {
                 let (name, bin, certs) = if file == "agent.toml" {
                     ("dr-agent", &bins.agent, pki.agent("bj-db-1").await?)
                 } else {
-                    ("dr-coordinator", &bins.coordinator, pki.coordinator(1).await?)
+                    (
+                        "dr-coordinator",
+                        &bins.coordinator,
+                        pki.coordinator(1).await?,
+                    )
                 };
                 let tls = [
                     ("ca", format!("\"{}\"", pki.ca().display())),

@@ -49,9 +49,9 @@ async fn cut_off_leader_sends_agents_to_the_majority_and_fails_writes_fast() -> 
                 let missing: Vec<&String> = hosts
                     .iter()
                     .filter(|h| {
-                        !agents.iter().any(|a| {
-                            get_str(a, "host_id") == Some(h.as_str()) && is_connected(a)
-                        })
+                        !agents
+                            .iter()
+                            .any(|a| get_str(a, "host_id") == Some(h.as_str()) && is_connected(a))
                     })
                     .collect();
                 if missing.is_empty() {
@@ -71,7 +71,10 @@ async fn cut_off_leader_sends_agents_to_the_majority_and_fails_writes_fast() -> 
         let out = cluster.drctl_at(old, cli::run_checks_no_wait("h1")).await?;
         let took = t.elapsed();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "write at the cut-off node {old} succeeded");
+        assert!(
+            !out.status.success(),
+            "write at the cut-off node {old} succeeded"
+        );
         assert!(
             stderr.contains("lost contact with the majority"),
             "unclear refusal: {stderr}"

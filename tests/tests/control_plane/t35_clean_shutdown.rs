@@ -49,7 +49,10 @@ async fn sigterm_to_the_leader_with_agents_connected_is_quick_and_quiet() -> Res
         let tail = &log[log_start.min(log.len())..];
         assert!(status.success(), "exit status {status:?}: {tail}");
         // Well under a second on an idle machine; allow for a loaded CI box.
-        assert!(took < Duration::from_secs(3), "shutdown took {took:?}: {tail}");
+        assert!(
+            took < Duration::from_secs(3),
+            "shutdown took {took:?}: {tail}"
+        );
         let noisy: Vec<&str> = tail
             .lines()
             .filter(|l| l.contains(" ERROR ") || l.contains(" WARN "))
