@@ -24,8 +24,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dr_proto::identity::{Identity, SpiffeId};
 use crate::control::failover::LeaseDecision;
+use dr_proto::identity::{Identity, SpiffeId};
 use dr_proto::pb::{self, agent_message::Msg as AgentMsg, coordinator_message::Msg as CoordMsg};
 use futures::Stream;
 use tokio::sync::mpsc;

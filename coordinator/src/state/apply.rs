@@ -72,7 +72,10 @@ pub fn apply(state: &mut State, log_index: u64, req: &Request) -> Response {
     };
     // A finished command may finish a plan step (same entry: step and command agree).
     match (&req.cmd, &resp) {
-        (Command::CommandCompleted { key, .. } | Command::CancelCommand { key, .. }, Response::Applied) => {
+        (
+            Command::CommandCompleted { key, .. } | Command::CancelCommand { key, .. },
+            Response::Applied,
+        ) => {
             super::operations::on_command_finished(state, key, at);
         }
         (Command::ExpireCommands { .. }, Response::Expired { keys }) => {
