@@ -56,10 +56,24 @@ install_deps() {
   [ -x /usr/lib/postgresql/15/bin/initdb ] || pkgs+=(postgresql-15)
   # curl: the no-client-certificate test speaks raw TLS with it.
   command -v curl >/dev/null || pkgs+=(curl)
-  # Later suites: nftables (isolate), nginx (traffic switch), bind9 + knot-dnsutils (RFC 2136).
+  # Agent suites: nftables + iproute2 (isolation in test network namespaces), nginx (traffic
+  # switch through a real nginx), bind9 + dig (RFC 2136 updates against a real BIND).
+  command -v nft >/dev/null || [ -x /usr/sbin/nft ] || pkgs+=(nftables)
+  command -v ip >/dev/null || [ -x /usr/sbin/ip ] || pkgs+=(iproute2)
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || pkgs+=(nginx)
+  command -v named >/dev/null || [ -x /usr/sbin/named ] || pkgs+=(bind9)
+  command -v dig >/dev/null || pkgs+=(bind9-dnsutils)
   if [ "${#pkgs[@]}" -gt 0 ]; then
     echo "installing: ${pkgs[*]}"
-    apt_install "${pkgs[@]}" || return 1
+    # The tests start their own servers on loopback: keep apt from starting the packaged
+    # daemons (nginx on :80, named on :53, a PostgreSQL cluster) while installing.
+    local made_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null && as_root chmod +x /usr/sbin/policy-rc.d && made_policy=1
+    fi
+    apt_install "${pkgs[@]}"; local rc=$?
+    [ "$made_policy" -eq 1 ] && as_root rm -f /usr/sbin/policy-rc.d
+    [ "$rc" -eq 0 ] || return 1
     # Debian starts a cluster on install; the tests run their own servers.
     if command -v pg_ctlcluster >/dev/null; then pg_ctlcluster 15 main stop 2>/dev/null || true; fi
   fi
