@@ -558,9 +558,9 @@ key = "tls/c.key"
         assert_eq!(cfg.peers[1].region, "witness");
         assert_eq!(cfg.tls.ca, PathBuf::from("/etc/dr/tls/ca.pem"));
         assert_eq!(cfg.tls.reload_interval, Duration::from_secs(5));
-        assert_eq!(cfg.raft.heartbeat_interval, Duration::from_millis(150));
-        assert_eq!(cfg.raft.election_timeout_min, Duration::from_millis(600));
-        assert_eq!(cfg.raft.election_timeout_max, Duration::from_millis(1200));
+        assert_eq!(cfg.raft.heartbeat_interval, Duration::from_millis(100));
+        assert_eq!(cfg.raft.election_timeout_min, Duration::from_millis(500));
+        assert_eq!(cfg.raft.election_timeout_max, Duration::from_millis(1000));
         assert_eq!(cfg.raft.snapshot_every, 5000);
         assert_eq!(cfg.agents.down_after, Duration::from_secs(5));
         assert_eq!(cfg.agents.command_timeout, Duration::from_secs(600));
