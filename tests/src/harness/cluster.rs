@@ -834,6 +834,25 @@ impl TestCluster {
         self.wait_for_leader(None).await
     }
 
+    /// Cuts every link between the current leader and the other coordinators (agents keep
+    /// their links). Returns the old leader and the ids of the majority it was cut from.
+    pub async fn cut_leader_off(&self) -> Result<(u64, Vec<u64>)> {
+        let old = self.leader_id().await?;
+        let majority: Vec<u64> = self
+            .coord_ids()
+            .into_iter()
+            .filter(|id| *id != old)
+            .collect();
+        for other in &majority {
+            self.net.set_links_between(
+                &coord_name(old),
+                &coord_name(*other),
+                super::faults::LinkMode::Cut,
+            );
+        }
+        Ok((old, majority))
+    }
+
     /// The agents as the leader sees them (only the leader has the live `connected` facts).
     pub async fn agents_at_leader(&self) -> Result<Vec<Value>> {
         let leader = self.leader_id().await?;

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use dr_tests::harness::cluster::{cli, coord_name, get_str, get_u64, json_list};
-use dr_tests::{LinkMode, TestCluster, wait_until};
+use dr_tests::harness::cluster::{cli, get_str, get_u64, json_list};
+use dr_tests::{TestCluster, wait_until};
 use tracing::info;
 
 #[tokio::test]
@@ -24,18 +24,7 @@ async fn cut_off_leader_loses_writes_majority_elects_and_all_converge_after_heal
 
     let (old, majority) = {
         info!("--- cut the leader off from the other two coordinators");
-        let old = cluster.leader_id().await?;
-        let majority: Vec<u64> = cluster
-            .coord_ids()
-            .into_iter()
-            .filter(|id| *id != old)
-            .collect();
-        for other in &majority {
-            cluster
-                .net
-                .set_links_between(&coord_name(old), &coord_name(*other), LinkMode::Cut);
-        }
-        (old, majority)
+        cluster.cut_leader_off().await?
     };
 
     {

@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use dr_tests::harness::cluster::{cli, coord_name, get_str, is_connected, json_list};
-use dr_tests::{LinkMode, TestCluster, wait_until};
+use dr_tests::harness::cluster::{cli, get_str, is_connected, json_list};
+use dr_tests::{TestCluster, wait_until};
 use tracing::info;
 
 #[tokio::test]
@@ -22,18 +22,7 @@ async fn cut_off_leader_sends_agents_to_the_majority_and_fails_writes_fast() -> 
 
     let (old, majority) = {
         info!("--- cut the leader off from the other two coordinators");
-        let old = cluster.leader_id().await?;
-        let majority: Vec<u64> = cluster
-            .coord_ids()
-            .into_iter()
-            .filter(|id| *id != old)
-            .collect();
-        for other in &majority {
-            cluster
-                .net
-                .set_links_between(&coord_name(old), &coord_name(*other), LinkMode::Cut);
-        }
-        (old, majority)
+        cluster.cut_leader_off().await?
     };
 
     let new = {
