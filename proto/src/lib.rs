@@ -17,5 +17,6 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dr_descriptor");
 }
 
+pub mod audit_chain;
 pub mod identity;
 pub mod tls;
