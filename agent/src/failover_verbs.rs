@@ -103,14 +103,18 @@ pub fn spawn_tasks(
                         _ = cancel.cancelled() => return,
                         _ = tick.tick() => {}
                     }
+                    // Replace, not merge: a WAL receiver that stopped must stop being
+                    // reported as streaming (the region detector waits for exactly that).
                     match pg.facts().await {
-                        Ok(facts) => {
-                            for (k, v) in facts {
-                                session.set_fact(format!("pg.{k}"), v);
-                            }
-                        }
+                        Ok(facts) => session.replace_facts(
+                            "pg.",
+                            facts.into_iter().map(|(k, v)| (format!("pg.{k}"), v)),
+                        ),
                         Err(e) => {
-                            session.set_fact("pg.role", "unknown");
+                            session.replace_facts(
+                                "pg.",
+                                [("pg.role".to_owned(), "unknown".to_owned())],
+                            );
                             tracing::debug!(error = %e, "postgresql facts unavailable");
                         }
                     }

@@ -135,6 +135,15 @@ impl SessionHandle {
         lock(&self.shared).facts.insert(key.into(), value.into());
     }
 
+    /// Replaces every fact whose key starts with `prefix` by `facts` (keys include the
+    /// prefix). A fact that stopped being true must disappear, not linger with its last
+    /// value: the coordinator reads e.g. a missing `pg.wal_receiver` as "not streaming".
+    pub fn replace_facts(&self, prefix: &str, facts: impl IntoIterator<Item = (String, String)>) {
+        let mut s = lock(&self.shared);
+        s.facts.retain(|k, _| !k.starts_with(prefix));
+        s.facts.extend(facts);
+    }
+
     fn grant(&self, lease: Lease) {
         let mut s = lock(&self.shared);
         // Grants can arrive out of order; a lease never shrinks because of an older answer.

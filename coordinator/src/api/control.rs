@@ -141,6 +141,14 @@ impl pb::control_service_server::ControlService for ControlApi {
         // Failover: why automatic failover is refused, and what waits for an operator.
         resp.notes
             .extend(self.ctx.node.read(crate::state::operations::status_notes));
+        // Fenced members and split-brain warnings, from the members' live facts (leader).
+        if let Some(live) = &live {
+            resp.notes.extend(self.ctx.node.read(|s| {
+                crate::control::failover::member_notes(s, |h| {
+                    live.get(h).filter(|v| v.connected).map(|v| v.facts.clone())
+                })
+            }));
+        }
         if live.is_none() {
             resp.notes.push(match self.ctx.node.leader() {
                 Some((id, info)) => format!(

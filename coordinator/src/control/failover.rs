@@ -200,6 +200,61 @@ pub fn lease_safe_at(
     last_grant.map_or(elected_at, |g| g.max(elected_at)) + lease + drift
 }
 
+/// Notes for `drctl status` from the database members' live facts (leader only): which
+/// member is fenced and what brings it back, and a loud warning when more than one member
+/// reports itself writable. Pure: `facts` gives a connected host's last reported facts.
+pub fn member_notes(
+    state: &State,
+    facts: impl Fn(&str) -> Option<HashMap<String, String>>,
+) -> Vec<String> {
+    let Some(topo) = &state.ops.topology else {
+        return vec![];
+    };
+    let mut notes = Vec::new();
+    for c in &topo.spec.db_clusters {
+        let recorded = state
+            .ops
+            .clusters
+            .get(&c.name)
+            .map(|cs| cs.primary_host.as_str())
+            .unwrap_or(c.primary.as_str());
+        let mut writable = Vec::new();
+        for m in &c.members {
+            let Some(f) = facts(m) else { continue };
+            let role = fact(&f, "role").unwrap_or("unknown");
+            if role == "primary" {
+                writable.push(m.as_str());
+            }
+            if fact(&f, "fenced") == Some("true") && m != recorded {
+                notes.push(format!(
+                    "database {}: {m} ({}) is fenced (role {role}): it stays stopped and will not \
+                     start as a primary; {recorded} is the primary. Bring it back as a replica \
+                     (rewound) and fail back with `drctl failover --to {} --cluster {}`",
+                    c.name,
+                    topo.spec.region_of(m),
+                    topo.spec.region_of(m),
+                    c.name
+                ));
+            } else if fact(&f, "fenced") == Some("true") {
+                notes.push(format!(
+                    "database {}: the primary {m} is fenced: it accepts no writes until it is \
+                     unfenced with the current epoch (or fails over)",
+                    c.name
+                ));
+            }
+        }
+        if writable.len() > 1 {
+            notes.push(format!(
+                "DANGER database {}: {} all report themselves primary (recorded primary: \
+                 {recorded}); stop every one but {recorded} now",
+                c.name,
+                writable.join(", ")
+            ));
+        }
+    }
+    notes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +290,52 @@ mod tests {
             &[m("sh-db-1", "shanghai", false, 5)],
         );
         assert!(none.is_err());
+    }
+
+    #[test]
+    fn member_notes_name_the_fenced_old_primary_and_split_brain() {
+        use crate::state::operations::{ClusterState, TopologyRecord};
+        let spec = TopologySpec::parse(EXAMPLE).expect("valid");
+        let mut state = State::default();
+        state.ops.topology = Some(TopologyRecord {
+            version: 1,
+            spec,
+            applied_at_unix_ms: 0,
+            applied_by: "t".into(),
+        });
+        state.ops.clusters.insert(
+            "yeslocker".into(),
+            ClusterState {
+                primary_host: "sh-db-1".into(),
+                epoch: 2,
+                last_failover_unix_ms: 1,
+            },
+        );
+        let f = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (format!("pg.{k}"), (*v).to_owned()))
+                .collect::<HashMap<_, _>>()
+        };
+        let fenced = f(&[("role", "stopped"), ("fenced", "true")]);
+        let primary = f(&[("role", "primary"), ("fenced", "false")]);
+        let notes = member_notes(&state, |h| match h {
+            "bj-db-1" => Some(fenced.clone()),
+            "sh-db-1" => Some(primary.clone()),
+            _ => None,
+        });
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].contains("bj-db-1 (beijing) is fenced"),
+            "{notes:?}"
+        );
+        assert!(
+            notes[0].contains("drctl failover --to beijing"),
+            "{notes:?}"
+        );
+        let notes = member_notes(&state, |_| Some(primary.clone()));
+        assert!(notes.iter().any(|n| n.starts_with("DANGER")), "{notes:?}");
+        assert!(member_notes(&State::default(), |_| None).is_empty());
     }
 
     #[test]

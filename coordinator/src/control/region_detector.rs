@@ -8,6 +8,13 @@
 //! candidate replica reports its WAL receiver is not streaming. Any one of them alone is
 //! ambiguous (an agent restart, a slow link, a replica restart).
 //!
+//! The primary's host alone fails the same way (spec scenario 2, or only its agent's link
+//! cut): a confirmed leader, no session of the primary's agent, and the candidate's WAL
+//! receiver down. That is safe for the same reason a region failover is: a primary whose
+//! agent has no session holds no lease, fences itself, and the plan waits the lease out
+//! before promoting; the receiver condition keeps an agent restart from failing over a
+//! primary that still streams.
+//!
 //! Refusals become an operation in state `needs_operator` with the reason (once per
 //! cluster until an operator acts): no witness in a two-region topology, automatic off,
 //! within the cooldown, no candidate, or the candidate's lag above the tier's RPO.
@@ -20,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::failover::choose_candidate;
-use super::plan_executor::member_facts;
+use super::plan_executor::{lsn_string, member_facts};
 use crate::Ctx;
 use crate::api::now_unix_ms;
 use crate::state::operations::plans::unplanned_failover;
@@ -90,6 +97,9 @@ impl RegionDetector {
                 .iter()
                 .filter(|m| m.region == region)
                 .all(|m| !m.reachable);
+            let primary_gone = !views
+                .iter()
+                .any(|v| v.connected && v.host_id == cs.primary_host);
             let receiver_down = match &candidate {
                 Ok(c) => members
                     .iter()
@@ -97,7 +107,11 @@ impl RegionDetector {
                     .is_some_and(|m| m.wal_receiver.as_deref() != Some("streaming")),
                 Err(_) => true,
             };
-            if !(leader_outside && agents_gone && coordinators_gone && receiver_down) {
+            let region_failed = leader_outside && agents_gone && coordinators_gone && receiver_down;
+            // The primary's host alone (spec scenario 2): its agent has no session (so it
+            // holds no lease and fences itself) and the candidate no longer streams from it.
+            let host_failed = confirmed && primary_gone && receiver_down;
+            if !(region_failed || host_failed) {
                 if self.suspect_since.remove(name).is_some() {
                     info!(cluster = %name, %region, "region recovered before failover was declared");
                 }
@@ -130,10 +144,18 @@ impl RegionDetector {
                 .as_ref()
                 .map(|c| c.host.clone())
                 .unwrap_or_default();
-            let reason = format!(
-                "region {region} failed: no agent session, coordinators unreachable, candidate's WAL receiver down, for {}",
-                humantime::format_duration(spec.failover.detect_after)
-            );
+            let reason = if region_failed {
+                format!(
+                    "region {region} failed: no agent session, coordinators unreachable, candidate's WAL receiver down, for {}",
+                    humantime::format_duration(spec.failover.detect_after)
+                )
+            } else {
+                format!(
+                    "primary {} failed: its agent has no session with the coordinators and the candidate's WAL receiver is down, for {}",
+                    cs.primary_host,
+                    humantime::format_duration(spec.failover.detect_after)
+                )
+            };
             let mut op = unplanned_failover(
                 &spec,
                 cs,
@@ -145,7 +167,24 @@ impl RegionDetector {
                 &format!("auto-{name}-{}", cs.last_failover_unix_ms),
                 Some(since_unix),
             );
-            op.needs_operator = refusal(&spec, cs, &candidate, name, now_unix_ms());
+            op.needs_operator = refusal(&spec, cs, &candidate, name, now_unix_ms()).map(|why| {
+                // What forcing would cost, from the last facts each side reported.
+                let primary_lsn = members
+                    .iter()
+                    .find(|m| m.host == cs.primary_host)
+                    .and_then(|m| m.lsn);
+                let replayed = candidate.as_ref().ok().and_then(|c| c.replay_lsn);
+                match (primary_lsn, replayed) {
+                    (Some(p), Some(r)) => format!(
+                        "{why}. Estimated data loss if forced: {} bytes of WAL ({cand_host} replayed {}, {} last reported {})",
+                        p.saturating_sub(r),
+                        lsn_string(r),
+                        cs.primary_host,
+                        lsn_string(p)
+                    ),
+                    _ => format!("{why}. Estimated data loss if forced: unknown (no LSN facts)"),
+                }
+            });
             match &op.needs_operator {
                 Some(why) => {
                     warn!(cluster = %name, %region, reason = %why, "automatic failover refused, raised to the operator")
@@ -188,7 +227,18 @@ pub fn refusal(
         .filter(|r| r.kind != RegionKind::Witness)
         .count();
     if !spec.has_witness() && data_regions <= 2 {
-        return Some("two regions without a witness: no side can tell a dead peer from a cut link; use `drctl failover --to REGION --force`".into());
+        let to = match candidate {
+            Ok(c) => spec.region_of(&c.host).to_owned(),
+            Err(_) => "REGION".to_owned(),
+        };
+        return Some(format!(
+            "automatic failover refused: the topology has two data regions and no witness, so \
+             no side can tell a dead peer from a cut link. If {} is really down, fail over by \
+             hand with `drctl failover --to {to} --force` (it states the estimated data loss \
+             and asks to confirm); to allow automatic failover, add a witness region with a \
+             third coordinator to the topology",
+            spec.region_of(&cs.primary_host)
+        ));
     }
     if !spec.failover.automatic {
         return Some("automatic failover is off in the topology's failover policy".into());
@@ -211,9 +261,11 @@ pub fn refusal(
         && lag > rpo.as_secs_f64()
     {
         return Some(format!(
-            "candidate {} lags {lag:.1}s, above the tier RPO of {}; `drctl failover --force` accepts the loss",
+            "automatic failover refused: candidate {} lags {lag:.1}s, above the RPO of {} of {cluster}; \
+             `drctl failover --to {} --force` accepts the loss",
             c.host,
-            humantime::format_duration(rpo)
+            humantime::format_duration(rpo),
+            spec.region_of(&c.host)
         ));
     }
     None

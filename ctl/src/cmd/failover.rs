@@ -71,21 +71,38 @@ pub async fn run(client: &Client, args: FailoverArgs, format: OutputFormat) -> a
         }
         return Ok(());
     }
-    if args.force && !args.yes {
-        if format == OutputFormat::Json {
-            return Err(
-                UsageError("--force with --output json needs --yes (no prompt)".into()).into(),
-            );
-        }
-        print!(
-            "forced failover to {}: estimated loss {} bytes of WAL. Type 'yes' to continue: ",
+    if args.force {
+        let statement = format!(
+            "forced failover to {}: estimated loss {} bytes of WAL (writes the old primary \
+             acknowledged after the candidate's replay position are lost)",
             args.to, plan.estimated_loss_bytes
         );
-        std::io::stdout().flush().ok();
-        let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line)?;
-        if line.trim() != "yes" {
-            anyhow::bail!("not confirmed, nothing done");
+        if args.yes {
+            // Stated even when confirmed up front; stderr keeps --output json one document.
+            match format {
+                OutputFormat::Json => eprintln!("{statement}; confirmed by --yes"),
+                OutputFormat::Text => println!("{statement}; confirmed by --yes"),
+            }
+        } else {
+            if format == OutputFormat::Json {
+                return Err(UsageError(
+                    "--force with --output json needs --yes (no prompt)".into(),
+                )
+                .into());
+            }
+            print!("{statement}. Type 'yes' to continue: ");
+            std::io::stdout().flush().ok();
+            let mut line = String::new();
+            let n = std::io::stdin().lock().read_line(&mut line)?;
+            if n == 0 {
+                anyhow::bail!(
+                    "no answer (standard input is closed), nothing done: pass --yes to confirm \
+                     without a prompt"
+                );
+            }
+            if line.trim() != "yes" {
+                anyhow::bail!("not confirmed (the answer was not 'yes'), nothing done");
+            }
         }
     }
     // --- run it

@@ -23,6 +23,16 @@
 //! Cutting a directed link closes the whole TCP connection (both directions): TCP has no
 //! half-partition. Processes the harness did not start (drctl run by a test) are
 //! `"client"` and always forwarded unless a rule names `"client"`.
+//!
+//! Distance: [`FaultNet::set_region_latency`] gives every link between two different
+//! regions a one-way delay (15 ms = the 30 ms round trip of beijing-shanghai) wherever no
+//! explicit rule says otherwise, and [`FaultNet::heal`] keeps it (healed regions are still
+//! far apart). A delayed chunk is timestamped when read and written when its time comes,
+//! so the delay is latency, not a throughput cap.
+//!
+//! Links of processes that are not the harness's children (PostgreSQL's WAL receiver
+//! streaming from the primary) go through [`FaultNet::add_proxy_as`]: every connection to
+//! that proxy counts as coming from one named node.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -55,6 +65,8 @@ struct Tables {
     pids: HashMap<u32, String>,
     /// node name -> region.
     regions: HashMap<String, String>,
+    /// One-way delay of links between different regions (absent a rule).
+    region_latency: Option<Duration>,
 }
 
 struct Shared {
@@ -66,10 +78,13 @@ struct Shared {
 impl Shared {
     fn mode(&self, src: &str, dst: &str) -> LinkMode {
         let t = self.tables.read().unwrap_or_else(|p| p.into_inner());
-        t.rules
-            .get(&(src.to_owned(), dst.to_owned()))
-            .copied()
-            .unwrap_or(LinkMode::Forward)
+        if let Some(m) = t.rules.get(&(src.to_owned(), dst.to_owned())) {
+            return *m;
+        }
+        match (t.region_latency, t.regions.get(src), t.regions.get(dst)) {
+            (Some(d), Some(a), Some(b)) if a != b => LinkMode::Delay(d),
+            _ => LinkMode::Forward,
+        }
     }
 }
 
@@ -123,20 +138,64 @@ impl FaultNet {
     /// Starts a proxy for destination `name` that forwards to `target`; returns the address
     /// everybody should dial instead of `target`.
     pub async fn add_proxy(&mut self, name: &str, target: SocketAddr) -> Result<SocketAddr> {
+        self.spawn_proxy(name, target, None).await
+    }
+
+    /// A proxy for destination `name` whose every connection counts as coming from node
+    /// `source` (for a process the harness did not start, e.g. a PostgreSQL standby's WAL
+    /// receiver: point its `primary_conninfo` at the returned address). Register both
+    /// names with [`FaultNet::register_node`] so region cuts and latency apply.
+    pub async fn add_proxy_as(
+        &mut self,
+        name: &str,
+        source: &str,
+        target: SocketAddr,
+    ) -> Result<SocketAddr> {
+        self.spawn_proxy(name, target, Some(source.to_owned()))
+            .await
+    }
+
+    async fn spawn_proxy(
+        &mut self,
+        name: &str,
+        target: SocketAddr,
+        source: Option<String>,
+    ) -> Result<SocketAddr> {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .context("bind a proxy port")?;
         let addr = listener.local_addr()?;
-        info!(dest = name, %addr, %target, "proxy");
+        info!(dest = name, %addr, %target, ?source, "proxy");
         tokio::spawn(accept_loop(
             listener,
             name.to_owned(),
             target,
+            source,
             self.shared.clone(),
             self.cancel.child_token(),
         ));
         self.proxies.insert(name.to_owned(), addr);
         Ok(addr)
+    }
+
+    /// Every link between two different regions gets `one_way` delay, unless a rule for
+    /// that link says otherwise (a cut stays a cut). `None` removes the distance.
+    pub fn set_region_latency(&self, one_way: Option<Duration>) {
+        info!(?one_way, "inter-region latency (one way)");
+        {
+            let mut t = self
+                .shared
+                .tables
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            t.region_latency = one_way;
+        }
+        self.changed();
+    }
+
+    /// The mode the link `from -> to` has now (rules, then region latency).
+    pub fn link_mode(&self, from: &str, to: &str) -> LinkMode {
+        self.shared.mode(from, to)
     }
 
     /// The proxy address in front of `name`.
@@ -206,7 +265,7 @@ impl FaultNet {
         }
     }
 
-    /// Removes every rule: all links forward again.
+    /// Removes every rule: all links forward again (with the region latency, if set).
     pub fn heal(&self) {
         info!("--- fault: heal all links");
         {
@@ -231,6 +290,7 @@ async fn accept_loop(
     listener: TcpListener,
     dest: String,
     target: SocketAddr,
+    source: Option<String>,
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
@@ -245,8 +305,24 @@ async fn accept_loop(
         };
         let shared = shared.clone();
         let dest = dest.clone();
+        let source = source.clone();
         let cancel = cancel.child_token();
         tokio::spawn(async move {
+            if let Some(src) = source {
+                if shared.mode(&src, &dest) == LinkMode::Cut {
+                    debug!(%src, %dest, "connection refused by a cut link");
+                    return;
+                }
+                let Ok(Ok(upstream)) =
+                    tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target)).await
+                else {
+                    return;
+                };
+                stream.set_nodelay(true).ok();
+                upstream.set_nodelay(true).ok();
+                pump_both(stream, upstream, &src, &dest, &shared, cancel).await;
+                return;
+            }
             let pids: Vec<(u32, String)> = {
                 let t = shared.tables.read().unwrap_or_else(|p| p.into_inner());
                 t.pids.iter().map(|(p, n)| (*p, n.clone())).collect()
@@ -290,7 +366,9 @@ async fn pump_both(
 }
 
 /// Copies one direction of a connection, obeying the (src, dest) rule at every chunk and at
-/// every rule change. A Cut cancels `conn`, which ends both directions.
+/// every rule change. A Cut cancels `conn`, which ends both directions. Chunks go through a
+/// queue to a writer that holds each until its due time: a delay adds latency to every
+/// chunk without making the next read wait.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
@@ -299,44 +377,66 @@ async fn pump(
     shared: Arc<Shared>,
     conn: CancellationToken,
 ) {
-    let mut gen_rx = shared.generation.subscribe();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        if shared.mode(src, dest) == LinkMode::Cut {
-            conn.cancel();
-            return;
-        }
-        let n = tokio::select! {
-            _ = conn.cancelled() => return,
-            changed = gen_rx.changed() => {
-                if changed.is_err() { conn.cancel(); return; }
-                continue;
-            }
-            r = from.read(&mut buf) => match r {
-                Ok(0) | Err(_) => { to.shutdown().await.ok(); return; }
-                Ok(n) => n,
-            },
-        };
-        match shared.mode(src, dest) {
-            LinkMode::Forward => {}
-            LinkMode::Delay(d) => {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(1024);
+    let writer = {
+        let conn = conn.clone();
+        async move {
+            while let Some((due, chunk)) = tokio::select! {
+                _ = conn.cancelled() => None,
+                c = rx.recv() => c,
+            } {
                 tokio::select! {
                     _ = conn.cancelled() => return,
-                    _ = tokio::time::sleep(d) => {}
+                    _ = tokio::time::sleep_until(due) => {}
+                }
+                let write = to.write_all(&chunk);
+                tokio::select! {
+                    _ = conn.cancelled() => return,
+                    r = write => if r.is_err() { conn.cancel(); return; },
                 }
             }
-            LinkMode::Blackhole => continue,
-            LinkMode::Cut => {
+            // The reader saw the end of the stream: pass it on once the data is out.
+            to.shutdown().await.ok();
+        }
+    };
+    let reader = async move {
+        let mut gen_rx = shared.generation.subscribe();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if shared.mode(src, dest) == LinkMode::Cut {
                 conn.cancel();
                 return;
             }
+            let n = tokio::select! {
+                _ = conn.cancelled() => return,
+                changed = gen_rx.changed() => {
+                    if changed.is_err() { conn.cancel(); return; }
+                    continue;
+                }
+                r = from.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                },
+            };
+            let now = tokio::time::Instant::now();
+            let due = match shared.mode(src, dest) {
+                LinkMode::Forward => now,
+                LinkMode::Delay(d) => now + d,
+                LinkMode::Blackhole => continue,
+                LinkMode::Cut => {
+                    conn.cancel();
+                    return;
+                }
+            };
+            let send = tx.send((due, buf[..n].to_vec()));
+            tokio::select! {
+                _ = conn.cancelled() => return,
+                r = send => if r.is_err() { return; },
+            }
         }
-        let write = to.write_all(&buf[..n]);
-        tokio::select! {
-            _ = conn.cancelled() => return,
-            r = write => if r.is_err() { conn.cancel(); return; },
-        }
-    }
+        // Dropping `tx` here lets the writer finish the queue and shut down.
+    };
+    tokio::join!(reader, writer);
 }
 
 /// Which registered child opened the connection from `peer` to our `proxy_port`: find the

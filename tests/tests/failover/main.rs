@@ -7,3 +7,4 @@
 mod pg_pair;
 mod t10_topology;
 mod t20_switchover;
+mod t30_region_cut;
