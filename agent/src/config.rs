@@ -108,6 +108,9 @@ pub struct Config {
 pub struct IsolationSpec {
     /// Management sources that stay reachable while isolated (`10.0.0.5/32:22`).
     pub allow: Vec<crate::isolate::AllowRule>,
+    /// Command line that runs `nft` (default: `nft` from PATH). Tests point it into a
+    /// network namespace (`["ip", "netns", "exec", "NS", "nft"]`).
+    pub nft: Option<Vec<String>>,
 }
 
 /// `[rotation]`. `db_admin_url` may carry a password: never log it, use [`redact_url`].
@@ -414,6 +417,8 @@ struct RawConfig {
 struct RawIsolation {
     #[serde(default)]
     allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    nft: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -927,7 +932,7 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path, path: &Path) -> ConfigRe
 }
 
 fn validate_isolation(raw: Option<RawIsolation>, ctx: &Ctx<'_>) -> ConfigResult<IsolationSpec> {
-    let Some(RawIsolation { allow }) = raw else {
+    let Some(RawIsolation { allow, nft }) = raw else {
         return Ok(IsolationSpec::default());
     };
     let allow = allow
@@ -937,7 +942,17 @@ fn validate_isolation(raw: Option<RawIsolation>, ctx: &Ctx<'_>) -> ConfigResult<
                 .map_err(|e| ctx.at(a.span(), format!("invalid value for `allow`: {e}")))
         })
         .collect::<ConfigResult<_>>()?;
-    Ok(IsolationSpec { allow })
+    let nft = match nft {
+        None => None,
+        Some(n) if n.get_ref().is_empty() || n.get_ref()[0].is_empty() => {
+            return Err(ctx.at(
+                n.span(),
+                "`nft` must name a program, e.g. [\"nft\"] or [\"ip\", \"netns\", \"exec\", \"NS\", \"nft\"]".to_string(),
+            ));
+        }
+        Some(n) => Some(n.into_inner()),
+    };
+    Ok(IsolationSpec { allow, nft })
 }
 
 fn validate_rotation(

@@ -470,24 +470,64 @@ pub async fn reapply_at_start(config: Arc<Config>) {
     }
 }
 
-fn refuse_args(verb: &str, args: &HashMap<String, String>) -> Option<ActionOutput> {
-    (!args.is_empty()).then(|| {
-        let mut keys: Vec<&str> = args.keys().map(String::as_str).collect();
+fn refuse_args(
+    verb: &str,
+    args: &HashMap<String, String>,
+    allowed: &[&str],
+) -> Option<ActionOutput> {
+    let mut keys: Vec<&str> = args
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !allowed.contains(k))
+        .collect();
+    (!keys.is_empty()).then(|| {
         keys.sort_unstable();
+        let takes = if allowed.is_empty() {
+            "takes no arguments".to_string()
+        } else {
+            format!("takes only {}", allowed.join(", "))
+        };
         ActionOutput::failed(format!(
-            "`{verb}` takes no arguments (got {}); allowed sources come from this host's [isolation] allow",
+            "`{verb}` {takes} (got {}); allowed sources come from this host's [isolation] allow and `allow=CIDR[:port],...`",
             keys.join(", ")
         ))
     })
 }
 
+/// The `allow` argument of `isolate` (`CIDR[:port]`, comma-separated): management sources
+/// named by the operator for this isolation, on top of `[isolation] allow`.
+pub fn parse_allow_arg(arg: Option<&String>) -> Result<Vec<AllowRule>, String> {
+    let Some(arg) = arg else {
+        return Ok(Vec::new());
+    };
+    arg.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| AllowRule::parse(s).map_err(|e| format!("allow: {e}; isolation not applied")))
+        .collect()
+}
+
 /// The `isolate` verb.
 pub async fn isolate_action(iso: &Isolator, config: &Config) -> ActionOutput {
+    isolate_action_with(iso, config, &[]).await
+}
+
+/// The `isolate` verb with extra management sources (`allow=` argument).
+pub async fn isolate_action_with(
+    iso: &Isolator,
+    config: &Config,
+    extra_allow: &[AllowRule],
+) -> ActionOutput {
     let coordinators = match resolve_coordinators(&config.coordinators).await {
         Ok(c) => c,
         Err(e) => return ActionOutput::failed(e.to_string()),
     };
-    match iso.isolate(&coordinators, &config.isolation.allow).await {
+    let mut allow = config.isolation.allow.clone();
+    for a in extra_allow {
+        if !allow.contains(a) {
+            allow.push(*a);
+        }
+    }
+    match iso.isolate(&coordinators, &allow).await {
         Err(e) => ActionOutput::failed(e.to_string()),
         Ok(r) => {
             let join = |v: Vec<String>| v.join(",");
@@ -552,8 +592,13 @@ pub async fn unisolate_action(iso: &Isolator) -> ActionOutput {
     }
 }
 
-/// Registers `isolate` and `unisolate`, running `nft` through `nft`.
+/// Registers `isolate` and `unisolate`, running `nft` through `nft` (or through
+/// `[isolation] nft` when the config names a command line).
 pub fn register(reg: &mut Registry, config: Arc<Config>, nft: Nft) {
+    let nft = match &config.isolation.nft {
+        Some(argv) if !argv.is_empty() => Nft::with_argv(argv.clone()),
+        _ => nft,
+    };
     let iso = Arc::new(Isolator::new(nft, &config.data_dir, config.host_id.clone()));
     let (iso2, config2) = (iso.clone(), config.clone());
     reg.register(
@@ -561,10 +606,14 @@ pub fn register(reg: &mut Registry, config: Arc<Config>, nft: Nft) {
         move |args: HashMap<String, String>, ctx: ActionCtx| {
             let (iso, config) = (iso.clone(), config.clone());
             async move {
-                if let Some(refused) = refuse_args("isolate", &args) {
+                if let Some(refused) = refuse_args("isolate", &args, &["allow"]) {
                     return refused;
                 }
-                isolate_action(&iso, &config)
+                let extra = match parse_allow_arg(args.get("allow")) {
+                    Ok(a) => a,
+                    Err(e) => return ActionOutput::failed(e),
+                };
+                isolate_action_with(&iso, &config, &extra)
                     .instrument(info_span!("isolate", key = %ctx.key, host = %config.host_id))
                     .await
             }
@@ -575,7 +624,7 @@ pub fn register(reg: &mut Registry, config: Arc<Config>, nft: Nft) {
         move |args: HashMap<String, String>, ctx: ActionCtx| {
             let (iso, host) = (iso2.clone(), config2.host_id.clone());
             async move {
-                if let Some(refused) = refuse_args("unisolate", &args) {
+                if let Some(refused) = refuse_args("unisolate", &args, &[]) {
                     return refused;
                 }
                 unisolate_action(&iso)

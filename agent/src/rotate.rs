@@ -11,8 +11,11 @@
 //!         ─> write every secret file atomically ─> reload consumers
 //!         ─> PROVE: login with the old password fails, with the new one succeeds
 //!  app:   new random secret ─> write files ─> reload
-//!  certs: cert+key PEM from the command ─> key matches cert, same SPIFFE id, chains to our CA
-//!         ─> replace key, then cert, atomically (dr_proto::tls reloads them, no restart)
+//!  certs: verb `cert-request`: new key made HERE (kept in <data_dir>/rotation, 0600)
+//!         ─> CSR for the current identity and SANs, + SHA-256 of the certificate in use
+//!         verb `cert-install cert_pem=...`: signed cert matches the pending key, same
+//!         SPIFFE id, chains to our CA ─> replace key, then cert, atomically
+//!         (dr_proto::tls reloads them, no restart); the coordinator then revokes the old one
 //! ```
 //!
 //! Secrets never leave this module in clear except into the secret files: they are not
@@ -22,9 +25,8 @@
 //! `pg_stat_statements` reader learns nothing usable. sqlx statement logging is disabled on
 //! the connections used here for the same reason.
 //!
-//! Cert scope caveat: the private key arrives in the command's arguments, so it travels
-//! through the coordinator (and its Raft log). An agent-generated key with a CSR signed by
-//! the coordinator would avoid that; until then, treat the coordinators' data as secret.
+//! No private key ever arrives in (or leaves in) a command: commands and their results are
+//! stored in the coordinators' Raft log. A command that still carries `key_pem` is refused.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -205,11 +207,26 @@ fn admin_options(url: &str) -> RotateResult<PgConnectOptions> {
 pub struct Rotator {
     spec: RotationSpec,
     tls: TlsPaths,
+    /// Where a pending certificate request's key waits (`<data_dir>/rotation`).
+    state_dir: PathBuf,
 }
+
+/// Directory under `data_dir` for the pending certificate key.
+pub const STATE_DIR: &str = "rotation";
 
 impl Rotator {
     pub fn new(spec: RotationSpec, tls: TlsPaths) -> Self {
-        Self { spec, tls }
+        Self {
+            spec,
+            tls,
+            state_dir: PathBuf::from(STATE_DIR),
+        }
+    }
+
+    /// Where the pending certificate key is kept (`<data_dir>/rotation`).
+    pub fn with_state_dir(mut self, dir: PathBuf) -> Self {
+        self.state_dir = dir;
+        self
     }
 
     /// Rotates every `[[rotation.roles]]` entry. Stops at the first role whose password
@@ -369,16 +386,24 @@ impl Rotator {
         Ok(out)
     }
 
-    /// Replaces the agent's own TLS certificate and key.
-    pub async fn rotate_certs(&self, cert_pem: &str, key_pem: &Secret) -> RotateResult<Rotated> {
-        let identity = certs::replace(&self.tls, cert_pem, key_pem).await?;
-        info!(identity = %identity, "agent certificate and key replaced");
-        Ok(Rotated {
-            kind: "certs",
-            name: identity,
-            files: vec![self.tls.key.clone(), self.tls.cert.clone()],
-            ..Default::default()
-        })
+    /// Certificate rotation, step 1: a new key here, a CSR out.
+    pub async fn request_cert(&self) -> RotateResult<certs::CertRequest> {
+        let (tls, dir) = (self.tls.clone(), self.state_dir.clone());
+        let r = tokio::task::spawn_blocking(move || certs::request(&tls, &dir))
+            .await
+            .map_err(|e| certs::CertError::Task(e.to_string()))??;
+        info!(identity = %r.identity, "new key generated, certificate request made");
+        Ok(r)
+    }
+
+    /// Certificate rotation, step 2: the signed certificate for the pending key.
+    pub async fn install_cert(&self, cert_pem: String) -> RotateResult<certs::Installed> {
+        let (tls, dir) = (self.tls.clone(), self.state_dir.clone());
+        let r = tokio::task::spawn_blocking(move || certs::install(&tls, &dir, &cert_pem))
+            .await
+            .map_err(|e| certs::CertError::Task(e.to_string()))??;
+        info!(identity = %r.identity, "agent certificate and key replaced");
+        Ok(r)
     }
 }
 
@@ -467,14 +492,19 @@ async fn alter_role_inner(
     Ok(terminated)
 }
 
-const ARGS: [&str; 3] = ["scope", "cert_pem", "key_pem"];
+const ARGS: [&str; 1] = ["scope"];
+/// Why certificate material in `rotate-credentials` is refused.
+const CERTS_HINT: &str = "certificates rotate with an agent-made key: verbs cert-request then cert-install (drctl rotate-credentials --emergency --scope certs --ca-dir DIR); a private key is never accepted in a command, because commands are stored in the coordinators' Raft log";
 
 /// The `rotate-credentials` verb.
 pub async fn rotate_action(
     rotator: &Rotator,
-    mut args: HashMap<String, String>,
+    args: HashMap<String, String>,
     ctx: &ActionCtx,
 ) -> ActionOutput {
+    if args.contains_key("key_pem") || args.contains_key("cert_pem") {
+        return ActionOutput::failed(format!("rotate-credentials: {CERTS_HINT}"));
+    }
     let mut unknown: Vec<&String> = args
         .keys()
         .filter(|k| !ARGS.contains(&k.as_str()))
@@ -482,7 +512,7 @@ pub async fn rotate_action(
     if !unknown.is_empty() {
         unknown.sort();
         return ActionOutput::failed(format!(
-            "rotate-credentials: unknown argument(s) {unknown:?}; allowed: scope=db|app|certs|all, cert_pem, key_pem"
+            "rotate-credentials: unknown argument(s) {unknown:?}; allowed: scope=db|app|all"
         ));
     }
     let scope = match args.get("scope").map(|s| s.parse::<Scope>()) {
@@ -492,8 +522,6 @@ pub async fn rotate_action(
         Some(Err(e)) => return ActionOutput::failed(e.to_string()),
         Some(Ok(s)) => s,
     };
-    let cert_pem = args.remove("cert_pem");
-    let key_pem = args.remove("key_pem").map(Secret::new);
     drop(args);
 
     let mut rotated: Vec<Rotated> = Vec::new();
@@ -524,18 +552,10 @@ pub async fn rotate_action(
         }
     }
     if want_certs {
-        match (&cert_pem, &key_pem) {
-            (Some(c), Some(k)) => match rotator.rotate_certs(c, k).await {
-                Ok(r) => rotated.push(r),
-                Err(e) => failures.push(format!("certs: {e}")),
-            },
-            (None, None) if scope == Scope::All => {
-                skipped.push("certs: no cert_pem/key_pem given".into());
-            }
-            _ => failures.push(
-                "certs: give both cert_pem and key_pem (PEM, issued by the deployment CA for this agent's identity)"
-                    .into(),
-            ),
+        if scope == Scope::All {
+            skipped.push("certs: rotated by cert-request/cert-install".into());
+        } else {
+            failures.push(format!("certs: {CERTS_HINT}"));
         }
     }
 
@@ -596,7 +616,6 @@ pub async fn rotate_action(
     )
     .with_detail("roles", names("db-role"))
     .with_detail("app_secrets", names("app-secret"))
-    .with_detail("certs", names("certs"))
     .with_detail("files", files.join(","))
     .with_detail("reloaded", reloaded.join(","))
     .with_detail("proof", proof.join("; "))
@@ -604,8 +623,58 @@ pub async fn rotate_action(
 
 /// Registers `rotate-credentials`.
 pub fn register(reg: &mut Registry, config: &Arc<Config>) {
-    let rotator = Arc::new(Rotator::new(config.rotation.clone(), config.tls.clone()));
+    let rotator = Arc::new(
+        Rotator::new(config.rotation.clone(), config.tls.clone())
+            .with_state_dir(config.data_dir.join(STATE_DIR)),
+    );
     let host = config.host_id.clone();
+    let (r2, h2) = (rotator.clone(), host.clone());
+    reg.register(
+        "cert-request",
+        move |args: HashMap<String, String>, ctx: ActionCtx| {
+            let (rotator, host) = (r2.clone(), h2.clone());
+            async move {
+                if !args.is_empty() {
+                    return ActionOutput::failed("cert-request takes no arguments");
+                }
+                let span = info_span!("cert_request", key = %ctx.key, host = %host);
+                match rotator.request_cert().instrument(span).await {
+                    Ok(r) => ActionOutput::ok(
+                        "new key generated on this host; sign the CSR and send it back with cert-install",
+                    )
+                    .with_detail("identity", r.identity)
+                    .with_detail("csr_pem", r.csr_pem)
+                    .with_detail("old_cert_sha256", r.old_cert_sha256),
+                    Err(e) => ActionOutput::failed(format!("cert-request: {e}")),
+                }
+            }
+        },
+    );
+    let (r3, h3) = (rotator.clone(), host.clone());
+    reg.register(
+        "cert-install",
+        move |mut args: HashMap<String, String>, ctx: ActionCtx| {
+            let (rotator, host) = (r3.clone(), h3.clone());
+            async move {
+                let Some(cert_pem) = args.remove("cert_pem") else {
+                    return ActionOutput::failed("cert-install needs cert_pem (the signed certificate for the pending request)");
+                };
+                if !args.is_empty() {
+                    return ActionOutput::failed(format!("cert-install: {CERTS_HINT}"));
+                }
+                let span = info_span!("cert_install", key = %ctx.key, host = %host);
+                match rotator.install_cert(cert_pem).instrument(span).await {
+                    Ok(r) => ActionOutput::ok(
+                        "new certificate and key installed; picked up at the next TLS reload, no restart",
+                    )
+                    .with_detail("identity", r.identity)
+                    .with_detail("replaced_cert_sha256", r.replaced_cert_sha256)
+                    .with_detail("new_cert_sha256", r.new_cert_sha256),
+                    Err(e) => ActionOutput::failed(format!("cert-install: {e}")),
+                }
+            }
+        },
+    );
     reg.register(
         "rotate-credentials",
         move |args: HashMap<String, String>, ctx: ActionCtx| {

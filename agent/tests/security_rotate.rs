@@ -255,7 +255,7 @@ reload = [{{ command = ["/bin/sh", "-c", "echo session >> {marker}"] }}]
             .call("rotate-credentials", args(&[("scope", "certs")]), ctx())
             .await;
         assert!(
-            !refused.success && refused.message.contains("cert_pem"),
+            !refused.success && refused.message.contains("cert-request"),
             "{refused:?}"
         );
         let bad = reg
@@ -334,38 +334,89 @@ async fn t20_rotate_certs() {
     dr_agent::rotate::register(&mut reg, &config);
     let mut captured = String::new();
 
-    let (new_cert, new_key) = leaf(&ca, "h1");
-    let (other_cert, other_key) = leaf(&ca, "h2");
+    // --- a key in a command is refused, whatever the verb
+    for (verb, a) in [
+        (
+            "rotate-credentials",
+            args(&[
+                ("scope", "certs"),
+                ("cert_pem", &old_cert),
+                ("key_pem", &old_key),
+            ]),
+        ),
+        (
+            "cert-install",
+            args(&[("cert_pem", &old_cert), ("key_pem", &old_key)]),
+        ),
+    ] {
+        let out = reg.call(verb, a, ctx()).await;
+        captured.push_str(&as_json(&out));
+        assert!(
+            !out.success && out.message.contains("never accepted in a command"),
+            "{verb}: {out:?}"
+        );
+    }
+    // --- install without a request
+    let out = reg
+        .call("cert-install", args(&[("cert_pem", &old_cert)]), ctx())
+        .await;
+    assert!(
+        !out.success && out.message.contains("no pending certificate request"),
+        "{out:?}"
+    );
+
+    // --- step 1: the agent makes the key and a CSR
+    let out = reg.call("cert-request", args(&[]), ctx()).await;
+    captured.push_str(&as_json(&out));
+    assert!(out.success, "{out:?}");
+    assert_eq!(out.details["identity"], "spiffe://td/agent/h1");
+    let old_der = rustls_pki_types::pem::PemObject::from_pem_slice(old_cert.as_bytes())
+        .map(|c: rustls_pki_types::CertificateDer<'static>| c.to_vec())
+        .unwrap();
+    assert_eq!(
+        out.details["old_cert_sha256"],
+        dr_proto::tls::cert_sha256_hex(&old_der)
+    );
+    let csr_pem = out.details["csr_pem"].clone();
+    assert!(csr_pem.contains("BEGIN CERTIFICATE REQUEST"));
+    let pending = dir.path().join("data/rotation/pending-key.pem");
+    let pending_key = std::fs::read_to_string(&pending).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&pending).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(&csr_pem).unwrap();
+    assert!(
+        csr.params.subject_alt_names.contains(&rcgen::SanType::URI(
+            "spiffe://td/agent/h1".try_into().unwrap()
+        )),
+        "the CSR keeps the identity"
+    );
+
     // --- refusals leave the files alone
-    for (cert, key, why) in [
-        (&new_cert, &other_key, "does not match"),
-        (&other_cert, &other_key, "differs from this agent's"),
+    let (wrong_key_cert, _) = leaf(&ca, "h1");
+    let (other_cert, other_key) = leaf(&ca, "h2");
+    for (cert, why) in [
+        (&wrong_key_cert, "does not match"),
+        (&other_cert, "does not match"),
     ] {
         let out = reg
-            .call(
-                "rotate-credentials",
-                args(&[("scope", "certs"), ("cert_pem", cert), ("key_pem", key)]),
-                ctx(),
-            )
+            .call("cert-install", args(&[("cert_pem", cert)]), ctx())
             .await;
         captured.push_str(&as_json(&out));
         assert!(!out.success && out.message.contains(why), "{out:?}");
         assert_eq!(std::fs::read_to_string(&c).unwrap(), old_cert);
         assert_eq!(std::fs::read_to_string(&k).unwrap(), old_key);
     }
-    // A certificate from another CA with the right identity.
+    // The CSR signed by another CA.
     {
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let rogue_key = rcgen::KeyPair::generate().unwrap();
-        let rogue = rcgen::Issuer::new(p, rogue_key);
-        let (rc, rk) = leaf(&rogue, "h1");
+        let rogue = rcgen::Issuer::new(p, rcgen::KeyPair::generate().unwrap());
+        let rc = csr.signed_by(&rogue).unwrap().pem();
         let out = reg
-            .call(
-                "rotate-credentials",
-                args(&[("scope", "certs"), ("cert_pem", &rc), ("key_pem", &rk)]),
-                ctx(),
-            )
+            .call("cert-install", args(&[("cert_pem", &rc)]), ctx())
             .await;
         captured.push_str(&as_json(&out));
         assert!(
@@ -373,23 +424,25 @@ async fn t20_rotate_certs() {
             "{out:?}"
         );
     }
-    // --- the real rotation
+    // --- step 2: the real installation
+    let new_cert = csr.signed_by(&ca).unwrap().pem();
     let out = reg
-        .call(
-            "rotate-credentials",
-            args(&[
-                ("scope", "certs"),
-                ("cert_pem", &new_cert),
-                ("key_pem", &new_key),
-            ]),
-            ctx(),
-        )
+        .call("cert-install", args(&[("cert_pem", &new_cert)]), ctx())
         .await;
     captured.push_str(&as_json(&out));
     assert!(out.success, "{out:?}");
-    assert_eq!(out.details["certs"], "spiffe://td/agent/h1");
+    assert_eq!(out.details["identity"], "spiffe://td/agent/h1");
+    assert_eq!(
+        out.details["replaced_cert_sha256"],
+        dr_proto::tls::cert_sha256_hex(&old_der)
+    );
     assert_eq!(std::fs::read_to_string(&c).unwrap(), new_cert);
-    assert_eq!(std::fs::read_to_string(&k).unwrap(), new_key);
+    let new_key = std::fs::read_to_string(&k).unwrap();
+    assert_eq!(
+        new_key, pending_key,
+        "the agent-made key is the one installed"
+    );
+    assert!(!pending.exists(), "the pending key is gone");
     // The TLS layer loads the new pair.
     dr_proto::tls::ClientTls::load(&config.tls).expect("new pair loads");
 

@@ -10,6 +10,7 @@ pub mod backup;
 pub mod control;
 pub mod error;
 pub mod operations;
+pub mod response;
 
 /// Milliseconds since the Unix epoch from the system clock. Only proposers call this: the
 /// state machine gets time from the request, never from a clock.

@@ -21,6 +21,7 @@ pub mod plan_executor;
 pub mod region_detector;
 pub mod retention;
 pub mod scheduler;
+pub mod security_alerts;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -154,6 +154,11 @@ async fn run_inner(
             ),
         )
         .add_service(
+            dr_proto::pb::response_service_server::ResponseServiceServer::new(
+                crate::api::response::ResponseApi::new(ctx.clone()),
+            ),
+        )
+        .add_service(
             RaftServiceServer::new(RaftApi::new(node.clone(), metrics.clone()))
                 .max_decoding_message_size(RAFT_MAX_MESSAGE)
                 .max_encoding_message_size(RAFT_MAX_MESSAGE),
@@ -162,6 +167,12 @@ async fn run_inner(
     let mut grpc = tokio::spawn(
         dr_proto::tls::serve(router, listener, server_tls.clone(), grpc_cancel.clone())
             .instrument(info_span!("grpc")),
+    );
+
+    // --- security monitoring (every node: revocations and refused handshakes are per node)
+    let _security = tokio::spawn(
+        crate::control::security_alerts::run(ctx.clone(), server_tls.clone(), grpc_cancel.clone())
+            .instrument(info_span!("security")),
     );
 
     // --- controllers

@@ -24,6 +24,7 @@ pub mod audit;
 pub mod catalog;
 pub mod commands;
 pub mod operations;
+pub mod security;
 pub mod topology;
 pub mod topology_spec;
 
@@ -92,6 +93,8 @@ pub enum Command {
     Backup(catalog::BackupCommand),
     /// Topology, database-cluster epochs and durable plans (see [`operations`]).
     Ops(operations::OpsCommand),
+    /// Isolation, revocations, monitoring level, alerts (see [`security`]).
+    Security(security::SecurityCommand),
 }
 
 impl Command {
@@ -108,6 +111,7 @@ impl Command {
             Command::ExpireCommands { .. } => "expire_commands",
             Command::Backup(_) => "backup",
             Command::Ops(o) => o.name(),
+            Command::Security(s) => s.name(),
         }
     }
 }
@@ -178,6 +182,9 @@ pub struct State {
     /// Topology, primaries and epochs, operations; `default` so older snapshots load.
     #[serde(default)]
     pub ops: operations::OpsState,
+    /// Security response; `default` so older snapshots load.
+    #[serde(default)]
+    pub security: security::SecurityState,
 }
 
 impl State {

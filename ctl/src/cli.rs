@@ -108,6 +108,15 @@ pub enum Command {
     /// Durable operations (failovers, switchovers) and their steps.
     #[command(subcommand)]
     Operations(crate::cmd::operations::OperationsCmd),
+    /// Isolate hosts: only their coordinator session (and management sources) stay open.
+    Isolate(crate::cmd::isolate::IsolateArgs),
+    /// Restore the selected hosts' pre-isolation firewall rules, byte for byte.
+    Unisolate(crate::cmd::isolate::UnisolateArgs),
+    /// Emergency credential rotation: database passwords, application secrets, certificates.
+    RotateCredentials(crate::cmd::rotate::RotateArgs),
+    /// Security monitoring level, isolated hosts, revocations, alerts.
+    #[command(subcommand)]
+    Security(crate::cmd::security::SecurityCmd),
 }
 
 #[derive(Debug, Subcommand)]

@@ -16,8 +16,11 @@ pub mod cluster;
 pub mod commands;
 pub mod demo;
 pub mod failover;
+pub mod isolate;
 pub mod operations;
+pub mod rotate;
 pub mod run;
+pub mod security;
 pub mod status;
 pub mod topology;
 
@@ -47,5 +50,9 @@ pub async fn dispatch(cli: Cli, env: &HashMap<String, String>) -> anyhow::Result
         Command::Operations(c) => operations::run(&connect()?, c, format).await,
         Command::Commands(c) => commands::run(&connect()?, c, format).await,
         Command::Cancel { key, reason } => commands::cancel(&connect()?, key, reason, format).await,
+        Command::Isolate(a) => isolate::isolate(&connect()?, a, format).await,
+        Command::Unisolate(a) => isolate::unisolate(&connect()?, a, format).await,
+        Command::RotateCredentials(a) => rotate::run(&connect()?, a, format).await,
+        Command::Security(c) => security::run(&connect()?, c, format).await,
     }
 }

@@ -40,6 +40,12 @@ use crate::identity::{Identity, IdentityError, SpiffeId};
 
 /// How long a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes a server runs at once. A reconnect storm of thousands of agents (after a
+/// leader change) would otherwise start thousands of handshakes together: each one costs
+/// signature checks, and all of them together starve the Raft RPCs on the same runtime
+/// until heartbeats miss and the leader steps down, which causes the next storm. Beyond
+/// this many, new connections wait in the kernel's accept backlog.
+pub const MAX_CONCURRENT_HANDSHAKES: usize = 64;
 /// How often certificate files are checked for change when the config names no interval.
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -304,6 +310,72 @@ impl<C: Send + Sync + 'static> Reloading<C> {
 pub struct ServerTls {
     inner: Arc<Reloading<ServerConfig>>,
     stats: Arc<TlsStats>,
+    guard: Arc<PeerGuard>,
+}
+
+/// Hex SHA-256 of a certificate's DER: the name revocations give a certificate.
+pub fn cert_sha256_hex(der: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A connection this server refused during or right after the TLS handshake.
+#[derive(Debug, Clone)]
+pub struct RefusedHandshake {
+    pub remote: SocketAddr,
+    /// The presented identity when the certificate was readable (revoked, wrong domain).
+    pub identity: Option<String>,
+    pub reason: String,
+}
+
+/// At most this many refusals wait for [`ServerTls::drain_refusals`]; older ones are dropped.
+const REFUSALS_BUFFERED: usize = 10_000;
+
+/// Revoked certificates and the refusal record, shared by every clone of a [`ServerTls`].
+///
+/// Why here and not in the rustls verifier: the verifier does not know the peer's address,
+/// and the refusal record is per source address. A revoked certificate completes the
+/// handshake and is refused before any request is read, exactly like a peer of a foreign
+/// trust domain.
+#[derive(Debug)]
+struct PeerGuard {
+    revoked: ArcSwap<std::collections::HashSet<String>>,
+    refusals: Mutex<std::collections::VecDeque<RefusedHandshake>>,
+}
+
+impl Default for PeerGuard {
+    fn default() -> Self {
+        PeerGuard {
+            revoked: ArcSwap::from_pointee(std::collections::HashSet::new()),
+            refusals: Mutex::new(std::collections::VecDeque::new()),
+        }
+    }
+}
+
+impl PeerGuard {
+    fn record(&self, remote: SocketAddr, identity: Option<String>, reason: String) {
+        let mut q = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= REFUSALS_BUFFERED {
+            q.pop_front();
+        }
+        q.push_back(RefusedHandshake {
+            remote,
+            identity,
+            reason,
+        });
+    }
+}
+
+/// Whether a failed handshake is a refusal worth recording: a TCP probe that closes
+/// without speaking TLS (load balancers, `drctl`'s reachability probe) is not.
+fn is_refusal(error: &io::Error) -> bool {
+    !matches!(
+        error.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
 }
 
 /// Counters a server exposes for metrics and security monitoring.
@@ -331,7 +403,30 @@ impl ServerTls {
         Ok(ServerTls {
             inner: Arc::new(Reloading::load(paths, build_server)?),
             stats: Arc::default(),
+            guard: Arc::default(),
         })
+    }
+
+    /// Replaces the set of revoked certificates (hex SHA-256 of the DER, see
+    /// [`cert_sha256_hex`]). New connections presenting one are refused; established
+    /// connections are not touched.
+    pub fn set_revoked(&self, revoked: std::collections::HashSet<String>) {
+        self.guard.revoked.store(Arc::new(revoked));
+    }
+
+    /// How many certificates are revoked now.
+    pub fn revoked_count(&self) -> usize {
+        self.guard.revoked.load().len()
+    }
+
+    /// Takes the refused handshakes recorded since the last call (oldest first).
+    pub fn drain_refusals(&self) -> Vec<RefusedHandshake> {
+        let mut q = self
+            .guard
+            .refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        q.drain(..).collect()
     }
 
     /// An acceptor with the certificates in force now.
@@ -371,6 +466,10 @@ impl ServerTls {
                 Ok(Ok(s)) => s,
                 Ok(Err(error)) => {
                     self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                    if is_refusal(&error) {
+                        self.guard
+                            .record(remote, None, format!("tls handshake failed: {error}"));
+                    }
                     return Err(TlsError::Handshake { peer, error });
                 }
                 Err(_) => {
@@ -378,33 +477,39 @@ impl ServerTls {
                     return Err(TlsError::HandshakeTimeout { peer });
                 }
             };
-        let id = {
+        let refuse = |identity: Option<String>, reason: String| {
+            self.stats.peers_refused.fetch_add(1, Ordering::Relaxed);
+            self.guard.record(remote, identity, reason.clone());
+            Err(TlsError::PeerRefused {
+                peer: peer.clone(),
+                reason,
+            })
+        };
+        let (id, fingerprint) = {
             let (_, conn) = stream.get_ref();
             let Some(cert) = conn.peer_certificates().and_then(|c| c.first()) else {
-                self.stats.peers_refused.fetch_add(1, Ordering::Relaxed);
-                return Err(TlsError::PeerRefused {
-                    peer,
-                    reason: "no client certificate".into(),
-                });
+                return refuse(None, "no client certificate".into());
             };
             match SpiffeId::from_cert_der(cert) {
-                Ok(id) => id,
-                Err(e) => {
-                    self.stats.peers_refused.fetch_add(1, Ordering::Relaxed);
-                    return Err(TlsError::PeerRefused {
-                        peer,
-                        reason: e.to_string(),
-                    });
-                }
+                Ok(id) => (id, cert_sha256_hex(cert)),
+                Err(e) => return refuse(None, e.to_string()),
             }
         };
         let ours = self.trust_domain();
         if id.trust_domain != ours {
-            self.stats.peers_refused.fetch_add(1, Ordering::Relaxed);
-            return Err(TlsError::PeerRefused {
-                peer,
-                reason: format!("identity {id} is not of trust domain {ours}"),
-            });
+            return refuse(
+                Some(id.to_string()),
+                format!("identity {id} is not of trust domain {ours}"),
+            );
+        }
+        if self.guard.revoked.load().contains(&fingerprint) {
+            return refuse(
+                Some(id.to_string()),
+                format!(
+                    "certificate sha256:{} of {id} is revoked; use the certificate issued by the last rotation",
+                    &fingerprint[..16]
+                ),
+            );
         }
         self.stats.handshakes_ok.fetch_add(1, Ordering::Relaxed);
         Ok(TlsConn {
@@ -523,8 +628,16 @@ pub fn incoming(
     cancel: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<TlsConn, io::Error>>(256);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => break,
+                p = handshakes.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
             let accepted = tokio::select! {
                 _ = cancel.cancelled() => break,
                 r = listener.accept() => r,
@@ -544,7 +657,9 @@ pub fn incoming(
             let tls = tls.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tls.accept(tcp, remote).await {
+                let accepted = tls.accept(tcp, remote).await;
+                drop(permit);
+                match accepted {
                     Ok(conn) => {
                         // The receiver is gone only while shutting down.
                         let _sent = tx.send(Ok(conn)).await;

@@ -113,3 +113,139 @@ pub async fn replace(
     .await
     .map_err(|e| CertError::Task(e.to_string()))?
 }
+
+/// Where the key of a pending certificate request waits for its certificate
+/// (`<data_dir>/rotation/pending-key.pem`, mode 0600).
+pub const PENDING_KEY: &str = "pending-key.pem";
+
+/// A certificate request made by [`request`]. Public data only.
+#[derive(Debug, Clone)]
+pub struct CertRequest {
+    pub csr_pem: String,
+    pub identity: String,
+    /// SHA-256 of the DER of the certificate in use now (the one to revoke).
+    pub old_cert_sha256: String,
+}
+
+fn current_leaf(tls: &TlsPaths) -> Result<(CertificateDer<'static>, String), CertError> {
+    let pem = std::fs::read(&tls.cert)
+        .map_err(|e| CertError::Current(format!("{}: {e}", tls.cert.display())))?;
+    let leaf = certs_of(&pem).into_iter().next().ok_or_else(|| {
+        CertError::Current(format!("{} holds no certificate", tls.cert.display()))
+    })?;
+    let pem_text = String::from_utf8_lossy(&pem).into_owned();
+    Ok((leaf, pem_text))
+}
+
+/// Makes a new key pair HERE and returns a CSR for the agent's current identity and SANs.
+///
+/// Why the key is made on the agent: a key generated elsewhere has to travel to the host,
+/// and anything that travels through the coordinators lands in their Raft log. The key is
+/// written to `dir/`[`PENDING_KEY`] (0600) and used by [`install`]; a newer request
+/// replaces it, so only the newest CSR can be completed.
+pub fn request(tls: &TlsPaths, dir: &std::path::Path) -> Result<CertRequest, CertError> {
+    let (leaf, _) = current_leaf(tls)?;
+    let identity = SpiffeId::from_cert_der(&leaf).map_err(|e| CertError::Current(e.to_string()))?;
+    let old_cert_sha256 = dr_proto::tls::cert_sha256_hex(&leaf);
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, identity.identity.name());
+    params.subject_alt_names = current_sans(&leaf)?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| CertError::Task(format!("key generation: {e}")))?;
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| CertError::Task(format!("building the CSR: {e}")))?;
+    std::fs::create_dir_all(dir).map_err(|e| CertError::Task(format!("{}: {e}", dir.display())))?;
+    let key_pem = Secret::new(key.serialize_pem());
+    write_atomic(&dir.join(PENDING_KEY), key_pem.expose().as_bytes(), 0o600)?;
+    Ok(CertRequest {
+        csr_pem: csr,
+        identity: identity.to_string(),
+        old_cert_sha256,
+    })
+}
+
+/// What [`install`] did.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    pub identity: String,
+    pub replaced_cert_sha256: String,
+    pub new_cert_sha256: String,
+}
+
+/// Installs a certificate signed for the pending key of [`request`]: validates the pair
+/// (see [`validate`]), writes key then certificate atomically, removes the pending key.
+pub fn install(
+    tls: &TlsPaths,
+    dir: &std::path::Path,
+    cert_pem: &str,
+) -> Result<Installed, CertError> {
+    let pending = dir.join(PENDING_KEY);
+    let key_pem = match std::fs::read_to_string(&pending) {
+        Ok(k) => Secret::new(k),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(CertError::Current(format!(
+                "no pending certificate request ({} is missing): run the cert-request step first",
+                pending.display()
+            )));
+        }
+        Err(e) => return Err(CertError::Current(format!("{}: {e}", pending.display()))),
+    };
+    let (old_leaf, _) = current_leaf(tls)?;
+    let identity = validate(tls, cert_pem, &key_pem)?;
+    let new_leaf = certs_of(cert_pem.as_bytes())
+        .into_iter()
+        .next()
+        .ok_or(CertError::NoCert)?;
+    write_atomic(&tls.key, key_pem.expose().as_bytes(), 0o600)?;
+    write_atomic(&tls.cert, cert_pem.as_bytes(), 0o644)?;
+    if let Err(e) = std::fs::remove_file(&pending) {
+        tracing::warn!(path = %pending.display(), error = %e, "pending key not removed");
+    }
+    Ok(Installed {
+        identity,
+        replaced_cert_sha256: dr_proto::tls::cert_sha256_hex(&old_leaf),
+        new_cert_sha256: dr_proto::tls::cert_sha256_hex(&new_leaf),
+    })
+}
+
+/// The current certificate's SANs (URI identity, DNS names, addresses), kept by a rotation.
+fn current_sans(leaf: &CertificateDer<'_>) -> Result<Vec<rcgen::SanType>, CertError> {
+    use x509_parser::extensions::GeneralName;
+    let bad = |e: String| CertError::Current(format!("cannot read the current SANs: {e}"));
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| bad(e.to_string()))?;
+    let mut out = Vec::new();
+    if let Some(ext) = cert
+        .subject_alternative_name()
+        .map_err(|e| bad(e.to_string()))?
+    {
+        for name in &ext.value.general_names {
+            match name {
+                GeneralName::URI(u) => out.push(rcgen::SanType::URI(
+                    (*u).try_into()
+                        .map_err(|e: rcgen::Error| bad(e.to_string()))?,
+                )),
+                GeneralName::DNSName(d) => out.push(rcgen::SanType::DnsName(
+                    (*d).try_into()
+                        .map_err(|e: rcgen::Error| bad(e.to_string()))?,
+                )),
+                GeneralName::IPAddress(b) => {
+                    let ip = match b.len() {
+                        4 => <[u8; 4]>::try_from(*b).map(std::net::IpAddr::from).ok(),
+                        16 => <[u8; 16]>::try_from(*b).map(std::net::IpAddr::from).ok(),
+                        _ => None,
+                    };
+                    if let Some(ip) = ip {
+                        out.push(rcgen::SanType::IpAddress(ip));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}

@@ -61,6 +61,10 @@ pub fn apply(state: &mut State, log_index: u64, req: &Request) -> Response {
             o.target(),
             super::operations::apply_ops(state, log_index, at, &req.origin, o),
         ),
+        Command::Security(c) => (
+            c.target(),
+            super::security::apply(state, at, &req.origin, c),
+        ),
         Command::ExpireCommands { now } => {
             let resp = expire_commands(state, *now);
             let target = match &resp {

@@ -42,7 +42,13 @@ pub async fn status(
     let resp = fetch_status(client, linearizable).await?;
     match format {
         OutputFormat::Json => print!("{}", json(&resp)),
-        OutputFormat::Text => print!("{}", render_status(&resp)),
+        OutputFormat::Text => {
+            print!("{}", render_status(&resp));
+            match crate::cmd::security::fetch(client).await {
+                Ok(sec) => print!("{}", crate::cmd::security::render(&sec, 5)),
+                Err(e) => println!("security: not available ({e:#})"),
+            }
+        }
     }
     Ok(())
 }

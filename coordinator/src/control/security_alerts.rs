@@ -1,0 +1,323 @@
+//! Security monitoring on the coordinator side: keeps the TLS layer's revocation set equal
+//! to the committed one, turns refused handshakes and changed-file reports into alerts,
+//! and pushes the monitoring level to agents.
+//!
+//! Why it runs on EVERY node, not only the leader: each coordinator terminates its own TLS
+//! connections, so each one must refuse revoked certificates (a follower that missed the
+//! revocation would let an old agent certificate in) and each one sees its own refused
+//! handshakes. The alert itself is one committed command, proposed through the leader,
+//! so it lands in the audit log and `drctl status` once, whichever node saw it.
+//!
+//! Rate limits: a source raises at most one refused-handshake alert per window per node;
+//! an integrity alert is raised once per (host, set of changed-file details), so a file
+//! that stays changed does not alert on every heartbeat. Pushing the level is retried at
+//! most every [`PUSH_RETRY`] per host.
+//!
+//! Leader-only parts (integrity alerts, level push) read the leader's live registry.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dr_proto::pb;
+use dr_proto::tls::ServerTls;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::Ctx;
+use crate::api::now_unix_ms;
+use crate::state::security::SecurityCommand;
+use crate::state::{self, Command, NewCommand};
+
+const TICK: Duration = Duration::from_millis(500);
+/// How long before the level is pushed again to an agent that still reports another one.
+const PUSH_RETRY: Duration = Duration::from_secs(20);
+/// Deadline of a level push command.
+const PUSH_DEADLINE: Duration = Duration::from_secs(30);
+pub const KIND_HANDSHAKES: &str = "refused-handshakes";
+pub const KIND_INTEGRITY: &str = "integrity";
+/// The fact agents report their monitoring level in (`dr_agent::integrity::FACT_LEVEL`).
+pub const FACT_LEVEL: &str = "security_monitoring_level";
+/// The `service` of agents' integrity checks (`dr_agent::integrity::SERVICE`).
+pub const INTEGRITY_SERVICE: &str = "security";
+
+/// Sliding-window counter of refused handshakes per source address.
+#[derive(Debug, Default)]
+pub struct RefusalWindow {
+    seen: HashMap<IpAddr, VecDeque<Instant>>,
+    last_reason: HashMap<IpAddr, String>,
+    alerted: HashMap<IpAddr, Instant>,
+}
+
+/// An alert the window decided to raise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowAlert {
+    pub source: IpAddr,
+    pub count: u64,
+    pub reason: String,
+}
+
+impl RefusalWindow {
+    /// Records one refusal at `now`; returns an alert when `source` reached `threshold`
+    /// refusals within `window` and has not alerted within the last `window`.
+    pub fn record(
+        &mut self,
+        source: IpAddr,
+        reason: String,
+        now: Instant,
+        threshold: u32,
+        window: Duration,
+    ) -> Option<WindowAlert> {
+        let q = self.seen.entry(source).or_default();
+        q.push_back(now);
+        while q
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) > window)
+        {
+            q.pop_front();
+        }
+        let count = q.len() as u64;
+        self.last_reason.insert(source, reason.clone());
+        if count < u64::from(threshold.max(1)) {
+            return None;
+        }
+        if self
+            .alerted
+            .get(&source)
+            .is_some_and(|t| now.saturating_duration_since(*t) <= window)
+        {
+            return None;
+        }
+        self.alerted.insert(source, now);
+        Some(WindowAlert {
+            source,
+            count,
+            reason,
+        })
+    }
+
+    /// Forgets sources quiet for longer than `window` (bounded memory under a scan).
+    pub fn prune(&mut self, now: Instant, window: Duration) {
+        self.seen.retain(|_, q| {
+            q.back()
+                .is_some_and(|t| now.saturating_duration_since(*t) <= window)
+        });
+        self.alerted
+            .retain(|_, t| now.saturating_duration_since(*t) <= window);
+        let live: HashSet<IpAddr> = self.seen.keys().copied().collect();
+        self.last_reason.retain(|k, _| live.contains(k));
+    }
+}
+
+/// The integrity alert detail for one host: its failing security checks, sorted.
+pub fn integrity_detail(checks: &BTreeMap<String, pb::CheckResult>) -> Option<String> {
+    let failing: Vec<String> = checks
+        .values()
+        .filter(|c| c.service == INTEGRITY_SERVICE && c.state == pb::CheckState::Failing as i32)
+        .map(|c| format!("{}: {}", c.name, c.detail))
+        .collect();
+    (!failing.is_empty()).then(|| failing.join("; "))
+}
+
+async fn propose(ctx: &Ctx, cmd: Command) {
+    let req = state::Request {
+        at_unix_ms: now_unix_ms(),
+        origin: super::origin(ctx, "security-monitoring"),
+        cmd,
+    };
+    if let Err(e) = ctx.node.write(req).await {
+        warn!(error = %e, "security monitoring could not commit");
+    }
+}
+
+/// Runs until `cancel` fires. Spawned by the server on every node.
+pub async fn run(ctx: Arc<Ctx>, tls: ServerTls, cancel: CancellationToken) {
+    let mut window = RefusalWindow::default();
+    let mut revoked_seen: Option<HashSet<String>> = None;
+    let mut pushed: HashMap<String, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // 1. Revocations: the committed set, on this node's TLS layer.
+        let revoked: HashSet<String> = ctx
+            .node
+            .read(|s| s.security.revoked.keys().cloned().collect());
+        if revoked_seen.as_ref() != Some(&revoked) {
+            info!(
+                revoked = revoked.len(),
+                "revocation set applied to the tls layer"
+            );
+            tls.set_revoked(revoked.clone());
+            revoked_seen = Some(revoked);
+        }
+
+        // 2. Refused handshakes at this node.
+        let (threshold, window_s) = ctx
+            .node
+            .read(|s| (s.security.threshold(), s.security.window_s()));
+        let win = Duration::from_secs(u64::from(window_s));
+        let now = Instant::now();
+        for r in tls.drain_refusals() {
+            debug!(remote = %r.remote, reason = %r.reason, "refused handshake recorded");
+            let reason = match &r.identity {
+                Some(id) => format!("{id}: {}", r.reason),
+                None => r.reason.clone(),
+            };
+            if let Some(a) = window.record(r.remote.ip(), reason, now, threshold, win) {
+                warn!(source = %a.source, count = a.count, window_s, "repeated refused handshakes: raising an alert");
+                propose(
+                    &ctx,
+                    Command::Security(SecurityCommand::RaiseAlert {
+                        kind: KIND_HANDSHAKES.into(),
+                        source: a.source.to_string(),
+                        detail: format!(
+                            "{} refused handshakes within {window_s}s at coordinator {}; last: {}",
+                            a.count,
+                            ctx.node.id(),
+                            a.reason
+                        ),
+                        count: a.count,
+                    }),
+                )
+                .await;
+            }
+        }
+        window.prune(now, win);
+
+        if !ctx.node.is_leader() {
+            pushed.clear();
+            continue;
+        }
+        // 3. Integrity reports (leader: the live registry) and 4. the level push.
+        let views = ctx.registry.views();
+        let (level, last_integrity): (String, HashMap<String, String>) = ctx.node.read(|s| {
+            let last = views
+                .iter()
+                .filter_map(|v| {
+                    s.security
+                        .last_alert(KIND_INTEGRITY, &v.host_id)
+                        .map(|a| (v.host_id.clone(), a.detail.clone()))
+                })
+                .collect();
+            (s.security.level().to_owned(), last)
+        });
+        for v in views.iter().filter(|v| v.connected) {
+            if let Some(detail) = integrity_detail(&v.checks)
+                && last_integrity.get(&v.host_id) != Some(&detail)
+            {
+                warn!(host = %v.host_id, "watched files changed on a host: raising an alert");
+                propose(
+                    &ctx,
+                    Command::Security(SecurityCommand::RaiseAlert {
+                        kind: KIND_INTEGRITY.into(),
+                        source: v.host_id.clone(),
+                        detail,
+                        count: 1,
+                    }),
+                )
+                .await;
+            }
+            let reported = v.facts.get(FACT_LEVEL);
+            if reported.is_some_and(|l| *l != level)
+                && pushed
+                    .get(&v.host_id)
+                    .is_none_or(|t| now.saturating_duration_since(*t) > PUSH_RETRY)
+            {
+                pushed.insert(v.host_id.clone(), now);
+                info!(host = %v.host_id, level = %level, "pushing the security monitoring level");
+                let deadline = now_unix_ms()
+                    + i64::try_from(PUSH_DEADLINE.as_millis()).unwrap_or(i64::MAX / 4);
+                propose(
+                    &ctx,
+                    Command::IssueCommands {
+                        commands: vec![NewCommand {
+                            key: format!("security-level-{}-{}", v.host_id, uuid::Uuid::new_v4()),
+                            host_id: v.host_id.clone(),
+                            action: pb::Action {
+                                kind: Some(pb::action::Kind::Generic(pb::Generic {
+                                    verb: "security-monitoring".into(),
+                                    args: [("level".to_owned(), level.clone())]
+                                        .into_iter()
+                                        .collect(),
+                                })),
+                            },
+                            deadline_unix_ms: deadline,
+                            request_id: String::new(),
+                        }],
+                    },
+                )
+                .await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_alerts_once_at_threshold_then_again_after_the_window() {
+        let mut w = RefusalWindow::default();
+        let ip: IpAddr = "127.0.0.9".parse().unwrap();
+        let t0 = Instant::now();
+        let win = Duration::from_secs(60);
+        for i in 0..4 {
+            assert_eq!(
+                w.record(ip, "x".into(), t0 + Duration::from_secs(i), 5, win),
+                None
+            );
+        }
+        let a = w
+            .record(ip, "bad ca".into(), t0 + Duration::from_secs(4), 5, win)
+            .unwrap();
+        assert_eq!((a.count, a.reason.as_str()), (5, "bad ca"));
+        // Rate limited within the window.
+        assert_eq!(
+            w.record(ip, "x".into(), t0 + Duration::from_secs(5), 5, win),
+            None
+        );
+        // Old refusals fall out of the window: one new refusal alone is below threshold.
+        assert_eq!(
+            w.record(ip, "x".into(), t0 + Duration::from_secs(200), 5, win),
+            None
+        );
+        // Another source is counted apart.
+        let other: IpAddr = "127.0.0.10".parse().unwrap();
+        assert_eq!(w.record(other, "x".into(), t0, 5, win), None);
+        w.prune(t0 + Duration::from_secs(400), win);
+        assert!(w.seen.is_empty() && w.alerted.is_empty());
+    }
+
+    #[test]
+    fn integrity_detail_lists_failing_security_checks_only() {
+        let mk = |name: &str, service: &str, state: pb::CheckState| pb::CheckResult {
+            name: name.into(),
+            service: service.into(),
+            state: state as i32,
+            detail: "changed".into(),
+            ..Default::default()
+        };
+        let mut checks = BTreeMap::new();
+        checks.insert(
+            "a".into(),
+            mk("integrity:/etc/a", "security", pb::CheckState::Failing),
+        );
+        checks.insert(
+            "b".into(),
+            mk("integrity:/etc/b", "security", pb::CheckState::Passing),
+        );
+        checks.insert("c".into(), mk("pg", "postgres", pb::CheckState::Failing));
+        assert_eq!(
+            integrity_detail(&checks).as_deref(),
+            Some("integrity:/etc/a: changed")
+        );
+        checks.remove("a");
+        assert_eq!(integrity_detail(&checks), None);
+    }
+}
