@@ -8,3 +8,5 @@ mod pg_pair;
 mod t10_topology;
 mod t20_switchover;
 mod t30_region_cut;
+mod t40_agent_cut;
+mod t60_two_region;

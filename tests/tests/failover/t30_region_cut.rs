@@ -379,6 +379,32 @@ impl Fixture {
         self.cluster.net.heal();
     }
 
+    /// Moves the Raft leadership out of beijing (kill -9 of coordinator 1 while it leads,
+    /// restart) and waits until the new leader has heard the beijing primary's facts. A
+    /// leader elected after a cut has never heard from the cut-off primary, so it cannot
+    /// estimate the data loss; tests that check the estimate start from a leader that can.
+    pub async fn lead_from_outside_beijing(&mut self) -> Result<()> {
+        let leader = self.cluster.leader_id().await?;
+        if leader == 1 {
+            info!("--- moving the leadership out of beijing (kill -9 coordinator 1, restart)");
+            self.cluster.kill9(1)?;
+            self.cluster.wait_for_leader_among(&[2, 3], Some(1)).await?;
+            self.cluster.restart(1)?;
+        }
+        let leader = self.cluster.wait_for_leader(None).await?;
+        info!(leader, "leader outside beijing");
+        wait_until(
+            "the leader has bj-db-1's LSN",
+            Duration::from_secs(60),
+            Duration::from_millis(300),
+            || async {
+                let f = self.facts("bj-db-1").await?;
+                Ok(f.contains_key("pg.lsn").then_some(()))
+            },
+        )
+        .await
+    }
+
     /// The leader of the connected majority (the coordinators not cut off).
     pub async fn majority_leader(&self) -> Result<u64> {
         let cut = self
