@@ -355,10 +355,26 @@ async fn pg_rewind(
     _ctx: ActionCtx,
 ) -> VerbResult {
     let source = arg(&args, "source")?;
-    pg.rewind(source, opt(&args, "slot"))
-        .await
-        .map_err(|e| pg_err("pg_rewind", e))?;
-    Ok(ActionOutput::ok("rewound and attached as a standby"))
+    let slot = opt(&args, "slot");
+    match pg.rewind(source, slot).await {
+        Ok(()) => {
+            Ok(ActionOutput::ok("rewound and attached as a standby")
+                .with_detail("method", "rewind"))
+        }
+        // Failback: when the history cannot be rewound (no common checkpoint, missing WAL,
+        // no checksums), a full copy from the same source still makes a standby of it.
+        Err(e) if opt(&args, "fallback") == Some("reseed") => {
+            tracing::warn!(error = %e, "pg_rewind failed; re-seeding from the source");
+            pg.reseed(source, slot)
+                .await
+                .map_err(|e2| pg_err(&format!("pg_rewind failed ({e}); re-seed"), e2))?;
+            Ok(ActionOutput::ok(format!(
+                "pg_rewind failed ({e}); re-seeded and attached as a standby"
+            ))
+            .with_detail("method", "reseed"))
+        }
+        Err(e) => Err(pg_err("pg_rewind", e)),
+    }
 }
 
 async fn pg_reseed(

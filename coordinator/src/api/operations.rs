@@ -20,7 +20,9 @@ use super::now_unix_ms;
 use crate::Ctx;
 use crate::control::failover::choose_candidate;
 use crate::control::plan_executor::member_facts;
-use crate::state::operations::plans::{planned_switchover, unplanned_failover};
+use crate::state::operations::plans::{
+    failback_switchover, planned_switchover, unplanned_failover,
+};
 use crate::state::operations::{NewOperation, Operation, OpsCommand};
 use crate::state::topology_spec::{RegionKind, TopologySpec, diff};
 use crate::state::{self, Command};
@@ -184,15 +186,55 @@ impl OperationsApi {
                     cs.primary_host
                 )));
             }
-            planned_switchover(
-                spec,
-                cs,
-                &cluster,
-                &req.to_region,
-                &candidate,
-                &reason,
-                request_id,
-            )
+            // Failback: a target that is not streaming (an old primary after an unplanned
+            // failover) is rejoined and caught up first. Only the leader has live facts.
+            let streaming = members
+                .iter()
+                .find(|m| m.host == candidate)
+                .and_then(|m| m.wal_receiver.as_deref())
+                == Some("streaming");
+            // Committed history, which followers see too: the candidate was the old primary
+            // of the last finished unplanned failover, so it has diverged and is fenced.
+            let diverged = self.ctx.node.read(|s| {
+                s.ops
+                    .operations
+                    .values()
+                    .filter(|o| {
+                        o.cluster == cluster
+                            && o.state == crate::state::operations::OpState::Succeeded
+                            && !o.kind.is_restore()
+                    })
+                    .max_by_key(|o| o.id)
+                    .is_some_and(|o| {
+                        o.kind.revokes_lease_at_start()
+                            && o.vars.get("old_primary") == Some(&candidate)
+                    })
+            });
+            if diverged || (leader && !streaming) {
+                warnings.push(format!(
+                    "{candidate} is not a streaming replica: it is rejoined first (pg_rewind, or a re-seed from {} if rewind is impossible) and caught up, then switched over",
+                    cs.primary_host
+                ));
+                failback_switchover(
+                    spec,
+                    cs,
+                    &cluster,
+                    &req.to_region,
+                    &candidate,
+                    &reason,
+                    request_id,
+                )
+            } else {
+                planned_switchover(
+                    spec,
+                    cs,
+                    &cluster,
+                    &req.to_region,
+                    &candidate,
+                    &reason,
+                    request_id,
+                )
+            }
         };
         Ok((op, loss, warnings))
     }

@@ -337,6 +337,99 @@ pub fn planned_switchover(
     }
 }
 
+/// A conninfo without `user` and `password`: pg_rewind must connect as the agent's
+/// superuser (it reads files through SQL), which the topology's replication conninfo is not.
+fn without_credentials(conninfo: &str) -> String {
+    conninfo
+        .split_whitespace()
+        .filter(|kv| {
+            let k = kv.split('=').next().unwrap_or("").trim();
+            !k.eq_ignore_ascii_case("user") && !k.eq_ignore_ascii_case("password")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Failback (docs/failover.md, "Failback"): the target member is not a streaming replica,
+/// typically the old primary after an unplanned failover (diverged, fenced, stopped). It is
+/// first rejoined to the current primary (pg_rewind, or a fresh base backup when rewind is
+/// impossible), its fence lifted (safe: it is a standby now, and promote still needs the raised
+/// epoch), and caught up; only then does the planned switchover run. Why these steps come
+/// before maintenance: the copy can take long, and writes continue meanwhile.
+pub fn failback_switchover(
+    spec: &TopologySpec,
+    cs: &ClusterState,
+    cluster: &str,
+    to_region: &str,
+    candidate: &str,
+    reason: &str,
+    request_id: &str,
+) -> NewOperation {
+    let mut op = planned_switchover(spec, cs, cluster, to_region, candidate, reason, request_id);
+    let primary = cs.primary_host.as_str();
+    let (slot, _) = replication_args(spec, cluster, candidate);
+    let source = spec
+        .cluster(cluster)
+        .and_then(|c| c.replication.conninfo.get(primary).cloned())
+        .unwrap_or_else(|| format!("host={primary}"));
+    let mut pre = Vec::new();
+    if !slot.is_empty() {
+        pre.push(agent(
+            "create_slot_for_candidate",
+            host(primary),
+            generic("pg.create-slot", &[("name", &slot)]),
+            60,
+            1,
+            OnFailure::Abort,
+        ));
+    }
+    pre.push(agent(
+        "rejoin_candidate",
+        host(candidate),
+        generic(
+            "pg.rewind",
+            &[
+                ("source", &without_credentials(&source)),
+                ("slot", &slot),
+                ("fallback", "reseed"),
+            ],
+        ),
+        3600,
+        0,
+        OnFailure::Abort,
+    ));
+    pre.push(agent(
+        "unfence_candidate",
+        host(candidate),
+        generic("pg.unfence", &[("epoch", "${epoch_before}")]),
+        30,
+        1,
+        OnFailure::Abort,
+    ));
+    pre.push(agent(
+        "mark_catch_up",
+        host(primary),
+        generic("pg.switch-wal", &[]),
+        30,
+        1,
+        OnFailure::Abort,
+    ));
+    pre.push(agent(
+        "catch_up",
+        host(candidate),
+        generic(
+            "pg.wait-replay",
+            &[("lsn", "${mark_catch_up.lsn}"), ("timeout", "600s")],
+        ),
+        610,
+        0,
+        OnFailure::Abort,
+    ));
+    op.steps.splice(0..0, pre);
+    op.vars.insert("failback".into(), "true".into());
+    op
+}
+
 /// Unplanned failover (automatic or forced): decide, wait out the lease, raise the epoch,
 /// promote, switch traffic, start applications.
 #[allow(clippy::too_many_arguments)]

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use dr_proto::pb;
 
-use super::plans::{planned_switchover, unplanned_failover};
+use super::plans::{failback_switchover, planned_switchover, unplanned_failover};
 use super::*;
 use crate::state::topology_spec::TopologySpec;
 use crate::state::{Command, Request, apply};
@@ -122,6 +122,11 @@ impl World {
                 && g.verb == "pg.stop"
             {
                 details.insert("checkpoint_lsn".to_owned(), "0/3000028".to_owned());
+            }
+            if let Some(pb::action::Kind::Generic(g)) = &action.kind
+                && g.verb == "pg.switch-wal"
+            {
+                details.insert("lsn".to_owned(), "0/4000000".to_owned());
             }
             let r = self.apply(Command::CommandCompleted {
                 key: key.clone(),
@@ -421,4 +426,59 @@ fn ops_commands_survive_the_json_trip_of_the_log() {
     let state_json = serde_json::to_string(&w.state).expect("state");
     let back: State = serde_json::from_str(&state_json).expect("state back");
     assert_eq!(back.ops, w.state.ops);
+}
+
+#[test]
+fn failback_rejoins_and_catches_up_before_the_switchover() {
+    let mut w = World::new();
+    let first = switchover(&mut w);
+    w.drive(first, false, &|_| false);
+    let spec = w.spec();
+    let cs = w.state.ops.clusters["yeslocker"].clone();
+    let op = failback_switchover(&spec, &cs, "yeslocker", "beijing", "bj-db-1", "t", "r2");
+    let names: Vec<&str> = op.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names[..6],
+        [
+            "create_slot_for_candidate",
+            "rejoin_candidate",
+            "unfence_candidate",
+            "mark_catch_up",
+            "catch_up",
+            "maintenance_on"
+        ],
+        "{names:?}"
+    );
+    assert_eq!(
+        w.apply(Command::Ops(OpsCommand::CreateOperation { op })),
+        Response::Applied
+    );
+    let id = w.state.ops.next_id - 1;
+    w.drive(id, true, &|_| false);
+    let op = w.op(id);
+    assert_eq!(op.state, OpState::Succeeded, "{op:#?}");
+    let c = &w.state.ops.clusters["yeslocker"];
+    assert_eq!((c.primary_host.as_str(), c.epoch), ("bj-db-1", 3));
+    let cmd = |name: &str| {
+        let c = w
+            .state
+            .commands
+            .get(&command_key(id, step_index(op, name), 1))
+            .expect("command");
+        (c.host_id.clone(), format!("{:?}", c.action))
+    };
+    // The slot on the current primary; pg_rewind connects as the agent's superuser (no
+    // `user=replicator` from the topology), falls back to a re-seed.
+    let (h, a) = cmd("create_slot_for_candidate");
+    assert_eq!(h, "sh-db-1");
+    assert!(a.contains("dr_bj_db_1"), "{a}");
+    let (h, a) = cmd("rejoin_candidate");
+    assert_eq!(h, "bj-db-1");
+    assert!(a.contains("pg.rewind") && a.contains("reseed"), "{a}");
+    assert!(!a.contains("replicator"), "{a}");
+    let (_, a) = cmd("unfence_candidate");
+    assert!(a.contains("\"2\""), "unfence at the epoch before: {a}");
+    let (h, a) = cmd("catch_up");
+    assert_eq!(h, "bj-db-1");
+    assert!(a.contains("0/4000000"), "{a}");
 }

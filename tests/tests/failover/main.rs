@@ -9,4 +9,5 @@ mod t10_topology;
 mod t20_switchover;
 mod t30_region_cut;
 mod t40_agent_cut;
+mod t50_leader_kill_steps;
 mod t60_two_region;

@@ -263,10 +263,12 @@ impl Fixture {
         let bj = PgNode::primary(&pgdir.path().join("bj"), &["dr_sh_db_1"]).await?;
         let sh = PgNode::replica(&pgdir.path().join("sh"), &bj, "dr_sh_db_1").await?;
 
+        // Maintenance hooks that succeed, so a switchover's maintenance steps are "done".
+        let maintenance = "\n[maintenance]\non = [[\"/bin/true\"]]\noff = [[\"/bin/true\"]]\n";
         let mut bj_spec = AgentSpec::new("bj-db-1").region("beijing").roles(&["db"]);
-        bj_spec.extra_toml = bj.agent_toml("yeslocker");
+        bj_spec.extra_toml = bj.agent_toml("yeslocker") + maintenance;
         let mut sh_spec = AgentSpec::new("sh-db-1").region("shanghai").roles(&["db"]);
-        sh_spec.extra_toml = sh.agent_toml("yeslocker");
+        sh_spec.extra_toml = sh.agent_toml("yeslocker") + maintenance;
         let cluster = TestCluster::builder()
             .coordinators(3)
             .agent(bj_spec)
