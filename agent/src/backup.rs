@@ -66,7 +66,9 @@
 pub mod basebackup;
 pub mod cli;
 pub mod files;
+pub mod fileset;
 pub mod key;
+pub mod logical;
 pub mod manifest;
 pub mod prune;
 pub mod repo;

@@ -1,5 +1,7 @@
-//! The backup verbs the coordinator may send (`Generic{verb, args}` commands): `backup.run`,
-//! `backup.copy`, `backup.verify`, `backup.prune` and `wal.status`.
+//! The backup verbs the coordinator may send (`Generic{verb, args}` commands): `backup.run`
+//! (full|incr|logical|files), `backup.copy`, `backup.verify`, `backup.prune`, `wal.status`,
+//! `restore.logical` and `restore.files`. Their args and details are listed in
+//! docs/dev/team-contracts.md ("Backup/restore verbs").
 //!
 //! Why a thin layer over [`crate::backup`]: the data path (repository format, basebackup,
 //! verify, prune) is the standalone CLI's too, so it stays in one place; this module only
@@ -21,12 +23,17 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::actions::{ActionCtx, ActionOutput, Registry};
 use crate::backup::basebackup::{BackupOptions, run_backup};
+use crate::backup::fileset::{FileRestoreOptions, FileSetOptions, restore_files, run_files};
+use crate::backup::logical::{
+    DumpOptions, RestoreLogicalOptions, resolve_kind, restore_dump, run_dump, url_with_db,
+};
 use crate::backup::verify::verify;
 use crate::backup::{BackupError, BackupId, BackupKind, RepoConfig, Repository};
 
@@ -36,6 +43,14 @@ type Env = Arc<HashMap<String, String>>;
 /// Registers the backup verbs.
 pub fn register(reg: &mut Registry, env: HashMap<String, String>) {
     let env: Env = Arc::new(env);
+    let e = env.clone();
+    reg.register("restore.logical", move |args, ctx| {
+        restore_logical_verb(e.clone(), args, ctx)
+    });
+    let e = env.clone();
+    reg.register("restore.files", move |args, ctx| {
+        restore_files_verb(e.clone(), args, ctx)
+    });
     let e = env.clone();
     reg.register("backup.run", move |args, ctx| run(e.clone(), args, ctx));
     let e = env.clone();
@@ -116,12 +131,13 @@ async fn run(env: Env, args: HashMap<String, String>, ctx: ActionCtx) -> ActionO
         let kind = match kind.as_str() {
             "full" => BackupKind::Full,
             "incr" => BackupKind::Incr,
-            "logical" | "files" => {
+            "logical" => return run_logical(&env, &args, &ctx).await,
+            "files" => return run_files_verb(&env, &args, &ctx).await,
+            other => {
                 return ActionOutput::failed(format!(
-                    "backup type {kind} is not supported by this agent's repository format yet (it stores physical full|incr backups); use --type full or incr"
+                    "unknown backup type {other} (full|incr|logical|files)"
                 ));
             }
-            other => return ActionOutput::failed(format!("unknown backup type {other}")),
         };
         let (repo_config, pg_url, data_dir) = match (
             arg(&args, "repo_config"),
@@ -481,4 +497,335 @@ async fn wal_status(env: Env, args: HashMap<String, String>, _ctx: ActionCtx) ->
         }
         Err(e) => ActionOutput::failed(format!("list archived WAL: {e}")),
     }
+}
+
+/// Reports (message, done, total) every 500 ms until dropped: the work counts bytes in
+/// atomics and never blocks on the progress channel.
+struct Ticker {
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Ticker {
+    fn start(
+        ctx: &ActionCtx,
+        what: &'static str,
+        done: Arc<AtomicU64>,
+        total: Arc<AtomicU64>,
+    ) -> Ticker {
+        let stop = ctx.cancel.child_token();
+        let s = stop.clone();
+        let progress = ctx.progress.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    () = s.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let d = done.load(Ordering::Relaxed);
+                // A total that is only an estimate (a dump's size) never reads below done.
+                let t = total.load(Ordering::Relaxed).max(d).max(1);
+                progress.report(what, d, t);
+            }
+        });
+        Ticker { stop }
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn flag(args: &HashMap<String, String>, k: &str) -> bool {
+    args.get(k).is_some_and(|v| v == "true" || v == "1")
+}
+
+fn opt_arg(args: &HashMap<String, String>, k: &str) -> Option<String> {
+    args.get(k).filter(|v| !v.trim().is_empty()).cloned()
+}
+
+fn list_arg(args: &HashMap<String, String>, k: &str) -> Vec<String> {
+    args.get(k)
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn stored_details(out: ActionOutput, m: &crate::backup::Manifest) -> ActionOutput {
+    let physical_or_dump = m.kind != BackupKind::Files;
+    let lsn = |l: crate::backup::Lsn| {
+        if physical_or_dump {
+            l.to_string()
+        } else {
+            String::new()
+        }
+    };
+    out.with_detail("backup_id", m.id.0.clone())
+        .with_detail("kind", m.kind.to_string())
+        .with_detail(
+            "parent",
+            m.parent.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
+        )
+        .with_detail("start_lsn", lsn(m.start_lsn))
+        .with_detail("stop_lsn", lsn(m.stop_lsn))
+        .with_detail(
+            "timeline",
+            if m.timeline == 0 {
+                String::new()
+            } else {
+                m.timeline.to_string()
+            },
+        )
+        .with_detail("files", m.stats.files.to_string())
+        .with_detail("bytes_total", m.stats.bytes_total.to_string())
+        .with_detail("bytes_added", m.stats.bytes_added.to_string())
+        .with_detail("started_at_unix_ms", unix_ms(m.started_at))
+        .with_detail("finished_at_unix_ms", unix_ms(m.finished_at))
+}
+
+/// `backup.run` with `type=logical`: args `repo_config`, `pg_url`, optional `dbname`,
+/// `pg_bin_dir`.
+async fn run_logical(env: &Env, args: &HashMap<String, String>, ctx: &ActionCtx) -> ActionOutput {
+    let (repo_config, pg_url) = match (arg(args, "repo_config"), arg(args, "pg_url")) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return ActionOutput::failed(e),
+    };
+    let repo = match open(env, repo_config).await {
+        Ok(r) => r,
+        Err(e) => return ActionOutput::failed(format!("logical backup failed: {e}")),
+    };
+    let opts = DumpOptions {
+        pg_url: pg_url.to_owned(),
+        dbname: opt_arg(args, "dbname"),
+        pg_bin_dir: opt_arg(args, "pg_bin_dir").map(PathBuf::from),
+    };
+    // The database's size is the progress total: an estimate (the dump is usually smaller).
+    let total = Arc::new(AtomicU64::new(0));
+    if let Ok(mut c) = <sqlx::PgConnection as sqlx::Connection>::connect(&url_with_db(
+        pg_url,
+        opts.dbname.as_deref(),
+    ))
+    .await
+    {
+        if let Ok(n) = sqlx::query_scalar::<_, i64>("select pg_database_size(current_database())")
+            .fetch_one(&mut c)
+            .await
+        {
+            total.store(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
+        }
+        let _closed = sqlx::Connection::close(c).await;
+    }
+    let done = Arc::new(AtomicU64::new(0));
+    let ticker = Ticker::start(ctx, "dumping", done.clone(), total);
+    let result = run_dump(&repo, &opts, &done, &ctx.cancel).await;
+    drop(ticker);
+    match result {
+        Ok(m) => {
+            let d = done.load(Ordering::Relaxed);
+            ctx.progress.report("dump stored", d, d.max(1));
+            stored_details(
+                ActionOutput::ok(format!(
+                    "logical backup {} ({}) stored: {} dump bytes, {} added",
+                    m.id, m.label, m.stats.bytes_total, m.stats.bytes_added
+                )),
+                &m,
+            )
+        }
+        Err(e) => {
+            warn!(error = %e, "logical backup failed");
+            ActionOutput::failed(format!(
+                "logical backup failed, nothing was recorded (chunks already uploaded are removed by the next prune): {e}"
+            ))
+        }
+    }
+}
+
+/// `backup.run` with `type=files`: args `repo_config`, `target` (set name), `paths`,
+/// optional `exclude`, `include`.
+async fn run_files_verb(
+    env: &Env,
+    args: &HashMap<String, String>,
+    ctx: &ActionCtx,
+) -> ActionOutput {
+    let repo_config = match arg(args, "repo_config") {
+        Ok(a) => a,
+        Err(e) => return ActionOutput::failed(e),
+    };
+    let paths = list_arg(args, "paths");
+    if paths.is_empty() {
+        return ActionOutput::failed("missing argument `paths` (comma-separated absolute paths)");
+    }
+    let repo = match open(env, repo_config).await {
+        Ok(r) => r,
+        Err(e) => return ActionOutput::failed(format!("file set backup failed: {e}")),
+    };
+    let opts = FileSetOptions {
+        name: opt_arg(args, "target").unwrap_or_else(|| "files".to_owned()),
+        paths: paths.into_iter().map(PathBuf::from).collect(),
+        exclude: list_arg(args, "exclude"),
+        include: list_arg(args, "include"),
+    };
+    let done = Arc::new(AtomicU64::new(0));
+    let total = Arc::new(AtomicU64::new(0));
+    let ticker = Ticker::start(ctx, "backing up files", done.clone(), total.clone());
+    let result = run_files(&repo, &opts, &done, &total, &ctx.cancel).await;
+    drop(ticker);
+    match result {
+        Ok(m) => {
+            let t = total.load(Ordering::Relaxed);
+            ctx.progress.report("file set stored", t, t.max(1));
+            stored_details(
+                ActionOutput::ok(format!(
+                    "file set backup {} ({}) stored: {} files, {} bytes, {} added",
+                    m.id, opts.name, m.stats.files, m.stats.bytes_total, m.stats.bytes_added
+                )),
+                &m,
+            )
+        }
+        Err(e) => {
+            warn!(error = %e, "file set backup failed");
+            ActionOutput::failed(format!(
+                "file set backup of {} failed, nothing was recorded (chunks already uploaded are removed by the next prune): {e}",
+                opts.name
+            ))
+        }
+    }
+}
+
+/// `restore.logical`: see docs/dev/team-contracts.md.
+async fn restore_logical_verb(
+    env: Env,
+    args: HashMap<String, String>,
+    ctx: ActionCtx,
+) -> ActionOutput {
+    let span = info_span!("restore_logical", key = %ctx.key);
+    async move {
+        let (repo_config, backup, pg_url) = match (
+            arg(&args, "repo_config"),
+            arg(&args, "backup_id"),
+            arg(&args, "pg_url"),
+        ) {
+            (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return ActionOutput::failed(e),
+        };
+        let repo = match open(&env, repo_config).await {
+            Ok(r) => r,
+            Err(e) => return ActionOutput::failed(format!("restore failed: {e}")),
+        };
+        let target = opt_arg(&args, "target");
+        let id = match resolve_kind(&repo, backup, BackupKind::Logical, target.as_deref()).await {
+            Ok(id) => id,
+            Err(e) => return ActionOutput::failed(format!("restore failed: {e}")),
+        };
+        let total = Arc::new(AtomicU64::new(
+            repo.get_manifest(&id)
+                .await
+                .map(|m| m.stats.bytes_total)
+                .unwrap_or(0),
+        ));
+        let opts = RestoreLogicalOptions {
+            pg_url: pg_url.to_owned(),
+            dbname: opt_arg(&args, "dbname"),
+            create: flag(&args, "create"),
+            no_owner: flag(&args, "no_owner"),
+            pg_bin_dir: opt_arg(&args, "pg_bin_dir").map(PathBuf::from),
+        };
+        let done = Arc::new(AtomicU64::new(0));
+        let ticker = Ticker::start(&ctx, "restoring dump", done.clone(), total);
+        let result = restore_dump(&repo, &id, &opts, &done, &ctx.cancel).await;
+        drop(ticker);
+        match result {
+            Ok((db, bytes)) => {
+                ctx.progress.report("dump restored", bytes, bytes.max(1));
+                ActionOutput::ok(format!(
+                    "restored logical backup {id} into database {db} ({bytes} dump bytes)"
+                ))
+                .with_detail("backup_id", id.0.clone())
+                .with_detail("dbname", db)
+                .with_detail("bytes", bytes.to_string())
+            }
+            Err(e) => {
+                warn!(error = %e, "logical restore failed");
+                ActionOutput::failed(format!("restore of {id} failed: {e}"))
+                    .with_detail("backup_id", id.0.clone())
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// `restore.files`: see docs/dev/team-contracts.md.
+async fn restore_files_verb(
+    env: Env,
+    args: HashMap<String, String>,
+    ctx: ActionCtx,
+) -> ActionOutput {
+    let span = info_span!("restore_files", key = %ctx.key);
+    async move {
+        let (repo_config, backup, target) = match (
+            arg(&args, "repo_config"),
+            arg(&args, "backup_id"),
+            arg(&args, "target"),
+        ) {
+            (Ok(a), Ok(b), Ok(c)) => (a, b, PathBuf::from(c)),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return ActionOutput::failed(e),
+        };
+        let repo = match open(&env, repo_config).await {
+            Ok(r) => r,
+            Err(e) => return ActionOutput::failed(format!("restore failed: {e}")),
+        };
+        let set = opt_arg(&args, "set");
+        let id = match resolve_kind(&repo, backup, BackupKind::Files, set.as_deref()).await {
+            Ok(id) => id,
+            Err(e) => return ActionOutput::failed(format!("restore failed: {e}")),
+        };
+        let opts = FileRestoreOptions {
+            dry_run: flag(&args, "dry_run"),
+            overwrite: flag(&args, "overwrite"),
+            include: list_arg(&args, "include"),
+        };
+        let total = Arc::new(AtomicU64::new(
+            repo.get_manifest(&id)
+                .await
+                .map(|m| m.stats.bytes_total)
+                .unwrap_or(0),
+        ));
+        let done = Arc::new(AtomicU64::new(0));
+        let ticker = Ticker::start(&ctx, "restoring files", done.clone(), total);
+        let result = restore_files(&repo, &id, &target, &opts, &done, &ctx.cancel).await;
+        drop(ticker);
+        match result {
+            Ok(rep) => {
+                let verb = if rep.dry_run { "would write" } else { "wrote" };
+                ActionOutput::ok(format!(
+                    "{id} to {}: {verb} {} file(s) ({} bytes), {} unchanged",
+                    target.display(),
+                    rep.written,
+                    rep.bytes,
+                    rep.unchanged
+                ))
+                .with_detail("backup_id", id.0.clone())
+                .with_detail("files", rep.written.to_string())
+                .with_detail("bytes", rep.bytes.to_string())
+                .with_detail("unchanged", rep.unchanged.to_string())
+                .with_detail("dry_run", rep.dry_run.to_string())
+                .with_detail("plan", rep.plan_text())
+            }
+            Err(e) => {
+                warn!(error = %e, "file restore failed");
+                ActionOutput::failed(format!("restore of {id} failed: {e}"))
+                    .with_detail("backup_id", id.0.clone())
+            }
+        }
+    }
+    .instrument(span)
+    .await
 }

@@ -62,7 +62,14 @@ pub async fn run_backup(
     // Parent: the latest backup, for the (size, mtime) shortcut and known chunk ids.
     let mut kind = opts.kind;
     let parent = if kind == BackupKind::Incr {
-        match repo.list_backups().await?.pop() {
+        // Logical dumps and file sets share the repository; only a physical backup can be a
+        // parent (ids end with their kind).
+        let physical = repo
+            .list_backups()
+            .await?
+            .into_iter()
+            .rfind(|id| id.0.ends_with("-full") || id.0.ends_with("-incr"));
+        match physical {
             Some(id) => Some(repo.get_manifest(&id).await?),
             None => {
                 warn!("no earlier backup to base an incremental on, taking a full backup");

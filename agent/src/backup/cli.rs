@@ -7,6 +7,10 @@
 //! dr-agent repo init    --repo-config F            create key file (0600) and repository
 //! dr-agent repo prune   --repo-config F [--grace 1h] [--dry-run]
 //! dr-agent backup run   --repo-config F --pg-url URL --data-dir DIR --type full|incr
+//! dr-agent backup run   --repo-config F --type logical --pg-url URL [--dbname D]
+//! dr-agent backup run   --repo-config F --type files --name SET --path P... [--exclude G]...
+//! dr-agent restore-logical --repo-config F --backup ID|latest --pg-url URL [--dbname D] [--create]
+//! dr-agent restore-files --repo-config F --backup ID|latest --target DIR [--dry-run] [--overwrite]
 //! dr-agent backup list  --repo-config F [--output json]
 //! dr-agent backup verify --repo-config F [ID | --all] [--output json]
 //! dr-agent restore      --repo-config F --backup ID|latest --target DIR [--no-recovery]
@@ -19,12 +23,15 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicU64;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::basebackup::{BackupOptions, run_backup};
+use super::fileset::{FileRestoreOptions, FileSetOptions, restore_files, run_files};
+use super::logical::{DumpOptions, RestoreLogicalOptions, resolve_kind, restore_dump, run_dump};
 use super::manifest::{BackupId, BackupKind};
 use super::repo::Repository;
 use super::repo_config::RepoConfig;
@@ -54,6 +61,10 @@ pub enum Command {
     Backup(BackupCmd),
     /// Restore a backup into an empty directory.
     Restore(RestoreArgs),
+    /// Restore a logical backup with pg_restore --clean --if-exists (one transaction).
+    RestoreLogical(RestoreLogicalArgs),
+    /// Restore a file-set backup below a directory (`/` = in place); --dry-run lists.
+    RestoreFiles(RestoreFilesArgs),
     /// Repository maintenance: init, prune.
     #[command(subcommand)]
     Repo(RepoCmd),
@@ -65,22 +76,9 @@ pub enum Command {
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum BackupCmd {
-    /// Take a physical backup of a running server.
-    Run {
-        #[command(flatten)]
-        repo: RepoArg,
-        /// Connection URL of a role allowed to run pg_backup_start.
-        #[arg(long, env = "DR_PG_URL")]
-        pg_url: String,
-        /// The server's data directory (read directly: run on the database host).
-        #[arg(long)]
-        data_dir: PathBuf,
-        #[arg(long = "type", value_enum, default_value_t = BackupKind::Incr)]
-        kind: BackupKind,
-        /// Use a spread checkpoint instead of an immediate one.
-        #[arg(long)]
-        spread_checkpoint: bool,
-    },
+    /// Take a backup: physical (full|incr) of a running server, a logical dump of one
+    /// database, or a file set.
+    Run(Box<RunArgs>),
     /// List backups, oldest first.
     List {
         #[command(flatten)]
@@ -102,6 +100,43 @@ pub enum BackupCmd {
     },
 }
 
+/// `dr-agent backup run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub repo: RepoArg,
+    /// Connection URL (full|incr: a role allowed to run pg_backup_start; logical: one
+    /// that can read the database). Not used by `--type files`.
+    #[arg(long, env = "DR_PG_URL")]
+    pub pg_url: Option<String>,
+    /// The server's data directory (full|incr; read directly: run on the database host).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long = "type", value_enum, default_value_t = BackupKind::Incr)]
+    pub kind: BackupKind,
+    /// Use a spread checkpoint instead of an immediate one (full|incr).
+    #[arg(long)]
+    pub spread_checkpoint: bool,
+    /// logical: the database to dump (default: the one in --pg-url).
+    #[arg(long)]
+    pub dbname: Option<String>,
+    /// logical: directory of pg_dump (default: newest /usr/lib/postgresql/*/bin, else PATH).
+    #[arg(long)]
+    pub pg_bin_dir: Option<PathBuf>,
+    /// files: name of the file set (recorded in the backup).
+    #[arg(long, default_value = "files")]
+    pub name: String,
+    /// files: an absolute file or directory path (repeat for several).
+    #[arg(long = "path")]
+    pub paths: Vec<PathBuf>,
+    /// files: glob to leave out (repeatable; `*.tmp`, `cache/**`).
+    #[arg(long)]
+    pub exclude: Vec<String>,
+    /// files: glob a file must match to be kept (repeatable; default: every file).
+    #[arg(long)]
+    pub include: Vec<String>,
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct RestoreArgs {
     #[command(flatten)]
@@ -115,6 +150,59 @@ pub struct RestoreArgs {
     /// Do not write recovery.signal / restore_command.
     #[arg(long)]
     pub no_recovery: bool,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RestoreLogicalArgs {
+    #[command(flatten)]
+    pub repo: RepoArg,
+    /// Backup id, or `latest` (the newest logical backup; of --source-db when given).
+    #[arg(long)]
+    pub backup: String,
+    /// With `latest`: the database whose newest dump to restore.
+    #[arg(long)]
+    pub source_db: Option<String>,
+    /// Connection URL of the TARGET server (no password in it).
+    #[arg(long, env = "DR_PG_URL")]
+    pub pg_url: String,
+    /// Target database (default: the one in --pg-url).
+    #[arg(long)]
+    pub dbname: Option<String>,
+    /// Create the target database first when it does not exist (needs --dbname).
+    #[arg(long)]
+    pub create: bool,
+    /// Restore as the connecting role (pg_restore --no-owner).
+    #[arg(long)]
+    pub no_owner: bool,
+    /// Directory of pg_restore (default: newest /usr/lib/postgresql/*/bin, else PATH).
+    #[arg(long)]
+    pub pg_bin_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RestoreFilesArgs {
+    #[command(flatten)]
+    pub repo: RepoArg,
+    /// Backup id, or `latest` (the newest files backup; of --set when given).
+    #[arg(long)]
+    pub backup: String,
+    /// With `latest`: the file set whose newest backup to restore.
+    #[arg(long)]
+    pub set: Option<String>,
+    /// Directory the stored paths are written below (`/` puts them back in place).
+    #[arg(long)]
+    pub target: PathBuf,
+    /// Write nothing; print what would be created, replaced or left unchanged.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Replace existing files that differ (without it the restore refuses, naming them).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Restore only stored paths matching these globs (repeatable).
+    #[arg(long)]
+    pub include: Vec<String>,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -263,23 +351,120 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 .context("prune repository")?;
             println!("{}", serde_json::to_string_pretty(&rep)?);
         }
-        Command::Backup(BackupCmd::Run {
-            repo,
-            pg_url,
-            data_dir,
-            kind,
-            spread_checkpoint,
-        }) => {
-            let r = open(&repo).await?;
-            let cancel = cancel_on_signal();
-            let opts = BackupOptions {
+        Command::Backup(BackupCmd::Run(a)) => {
+            let RunArgs {
+                repo,
                 pg_url,
                 data_dir,
                 kind,
-                fast_checkpoint: !spread_checkpoint,
+                spread_checkpoint,
+                dbname,
+                pg_bin_dir,
+                name,
+                paths,
+                exclude,
+                include,
+            } = *a;
+            let r = open(&repo).await?;
+            let cancel = cancel_on_signal();
+            let done = AtomicU64::new(0);
+            let m = match kind {
+                BackupKind::Full | BackupKind::Incr => {
+                    let (Some(pg_url), Some(data_dir)) = (pg_url, data_dir) else {
+                        anyhow::bail!("--type {kind} needs --pg-url and --data-dir");
+                    };
+                    let opts = BackupOptions {
+                        pg_url,
+                        data_dir,
+                        kind,
+                        fast_checkpoint: !spread_checkpoint,
+                    };
+                    run_backup(&r, &opts, &cancel).await.context("run backup")?
+                }
+                BackupKind::Logical => {
+                    let Some(pg_url) = pg_url else {
+                        anyhow::bail!("--type logical needs --pg-url");
+                    };
+                    let opts = DumpOptions {
+                        pg_url,
+                        dbname,
+                        pg_bin_dir,
+                    };
+                    run_dump(&r, &opts, &done, &cancel)
+                        .await
+                        .context("logical backup (nothing was recorded)")?
+                }
+                BackupKind::Files => {
+                    if paths.is_empty() {
+                        anyhow::bail!("--type files needs at least one --path");
+                    }
+                    let opts = FileSetOptions {
+                        name,
+                        paths,
+                        exclude,
+                        include,
+                    };
+                    let total = AtomicU64::new(0);
+                    run_files(&r, &opts, &done, &total, &cancel)
+                        .await
+                        .context("file set backup (nothing was recorded)")?
+                }
             };
-            let m = run_backup(&r, &opts, &cancel).await.context("run backup")?;
             println!("{}", m.id);
+        }
+        Command::RestoreLogical(a) => {
+            let r = open(&a.repo).await?;
+            let id = resolve_kind(&r, &a.backup, BackupKind::Logical, a.source_db.as_deref())
+                .await
+                .context("find the backup")?;
+            let cancel = cancel_on_signal();
+            let opts = RestoreLogicalOptions {
+                pg_url: a.pg_url,
+                dbname: a.dbname,
+                create: a.create,
+                no_owner: a.no_owner,
+                pg_bin_dir: a.pg_bin_dir,
+            };
+            let done = AtomicU64::new(0);
+            let (db, bytes) = restore_dump(&r, &id, &opts, &done, &cancel)
+                .await
+                .context("logical restore")?;
+            println!("restored {id} into database {db} ({bytes} dump bytes)");
+        }
+        Command::RestoreFiles(a) => {
+            let r = open(&a.repo).await?;
+            let id = resolve_kind(&r, &a.backup, BackupKind::Files, a.set.as_deref())
+                .await
+                .context("find the backup")?;
+            let cancel = cancel_on_signal();
+            let opts = FileRestoreOptions {
+                dry_run: a.dry_run,
+                overwrite: a.overwrite,
+                include: a.include,
+            };
+            let done = AtomicU64::new(0);
+            let rep = restore_files(&r, &id, &a.target, &opts, &done, &cancel)
+                .await
+                .context("file restore")?;
+            match a.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rep)?),
+                Output::Text => {
+                    for p in &rep.plan {
+                        println!("{} {} {}", p.action, p.path.display(), p.size);
+                    }
+                    println!(
+                        "{}{} file(s) ({} bytes), {} unchanged",
+                        if rep.dry_run {
+                            "dry run, would write "
+                        } else {
+                            "wrote "
+                        },
+                        rep.written,
+                        rep.bytes,
+                        rep.unchanged
+                    );
+                }
+            }
         }
         Command::Backup(BackupCmd::List { repo, output }) => {
             let r = open(&repo).await?;

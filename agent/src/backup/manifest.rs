@@ -57,6 +57,17 @@ impl std::str::FromStr for Lsn {
 pub enum BackupKind {
     Full,
     Incr,
+    /// `pg_dump --format=custom` of one database (one entry: the dump).
+    Logical,
+    /// A named file set (application data, configuration, certificates).
+    Files,
+}
+
+impl BackupKind {
+    /// Full and incremental backups are physical (a data directory plus WAL).
+    pub fn is_physical(self) -> bool {
+        matches!(self, BackupKind::Full | BackupKind::Incr)
+    }
 }
 
 impl fmt::Display for BackupKind {
@@ -64,6 +75,8 @@ impl fmt::Display for BackupKind {
         f.write_str(match self {
             BackupKind::Full => "full",
             BackupKind::Incr => "incr",
+            BackupKind::Logical => "logical",
+            BackupKind::Files => "files",
         })
     }
 }

@@ -90,6 +90,7 @@ pub fn backup_action(
                         ("repo_config", location.repo_config.clone()),
                         ("pg_url", db.pg_url.clone()),
                         ("data_dir", db.data_dir.clone()),
+                        ("dbname", db.dump_dbname.clone()),
                     ],
                 ),
             ))
@@ -114,6 +115,7 @@ pub fn backup_action(
                         ("repo_config", location.repo_config.clone()),
                         ("paths", fs.paths.join(",")),
                         ("exclude", fs.exclude.join(",")),
+                        ("include", fs.include.join(",")),
                     ],
                 ),
             ))
@@ -452,7 +454,9 @@ impl pb::backup_service_server::BackupService for BackupApi {
         let resp = write(
             &self.ctx,
             &origin.to_string(),
-            Command::Backup(BackupCommand::ApplyPolicy { policy }),
+            Command::Backup(BackupCommand::ApplyPolicy {
+                policy: Box::new(policy),
+            }),
         )
         .await?;
         let changed = match resp {

@@ -43,7 +43,7 @@ pub mod verbs {
 pub enum BackupCommand {
     /// Replace the policy (validated by the proposer with [`BackupPolicy::validate`], and
     /// again here).
-    ApplyPolicy { policy: BackupPolicy },
+    ApplyPolicy { policy: Box<BackupPolicy> },
     /// Turn a finished `backup.*` command into catalog facts.
     Record { command_key: String },
     /// A schedule is about to issue its command for `slot_unix_ms`.
@@ -154,6 +154,10 @@ pub struct DatabasePolicy {
     /// Where new backups go (a location name); empty: the first location.
     #[serde(default)]
     pub location: String,
+    /// Database a `logical` backup dumps (`pg_dump` dumps one database); empty: the one
+    /// named in `pg_url`.
+    #[serde(default)]
+    pub dump_dbname: String,
 }
 
 /// A named file set (application data, configuration, certificates).
@@ -163,8 +167,12 @@ pub struct FileSetPolicy {
     pub name: String,
     pub host: String,
     pub paths: Vec<String>,
+    /// Globs left out (`*.tmp`, `cache/**`; see agent/src/backup/fileset.rs).
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// When not empty, only files matching one of these globs are backed up.
+    #[serde(default)]
+    pub include: Vec<String>,
     #[serde(default)]
     pub location: String,
 }
@@ -248,6 +256,9 @@ pub struct BackupPolicy {
     pub schedules: Vec<SchedulePolicy>,
     #[serde(default)]
     pub retention: Vec<RetentionPolicy>,
+    /// Verification after restores, drills and their schedules (issue 4).
+    #[serde(default)]
+    pub restore: super::operations::restore::RestorePolicy,
 }
 
 fn default_tz() -> String {
@@ -334,6 +345,25 @@ impl BackupPolicy {
             if !names.insert(("target", f.name.as_str())) {
                 return Err(format!(
                     "file set {} clashes with another database or file set name",
+                    f.name
+                ));
+            }
+            if f.paths.is_empty() {
+                return Err(format!("file set {} needs at least one path", f.name));
+            }
+            if let Some(p) = f
+                .paths
+                .iter()
+                .find(|p| !p.starts_with('/') || p.contains(','))
+            {
+                return Err(format!(
+                    "file set {}: path {p:?} must be absolute and must not contain a comma",
+                    f.name
+                ));
+            }
+            if f.name.contains(':') {
+                return Err(format!(
+                    "file set {}: the name must not contain ':'",
                     f.name
                 ));
             }
@@ -451,10 +481,10 @@ pub fn apply(state: &mut State, at: i64, origin: &str, cmd: &BackupCommand) -> R
             if let Err(e) = policy.validate() {
                 return refused(format!("backup policy: {e}"));
             }
-            if state.catalog.policy.as_ref() == Some(policy) {
+            if state.catalog.policy.as_ref() == Some(&**policy) {
                 return Response::Unchanged;
             }
-            state.catalog.policy = Some(policy.clone());
+            state.catalog.policy = Some((**policy).clone());
             Response::Applied
         }
         BackupCommand::Record { command_key } => record(state, at, command_key),
