@@ -33,6 +33,7 @@ pub mod integrity;
 pub mod isolate;
 pub mod metrics;
 pub mod pg;
+pub mod restore_verbs;
 pub mod rotate;
 pub mod session;
 pub mod traffic;
@@ -68,6 +69,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     actions::register_security(&mut registry, &config, integrity.clone());
     // Backup verbs; repository configs may name credential env vars, read once here.
     backup_verbs::register(&mut registry, std::env::vars().collect());
+    // Restore verbs (issue 4): the PostgreSQL binaries and user of `[postgres]` when set.
+    restore_verbs::register(
+        &mut registry,
+        std::env::vars().collect(),
+        config
+            .postgres
+            .as_ref()
+            .map(|p| restore_verbs::PgBins {
+                bin_dir: p.bin_dir.clone(),
+                run_as: p.run_as.clone(),
+            })
+            .unwrap_or_default(),
+    );
     // Failover verbs (pg.*, traffic.*) and the self-fence, when this host has the parts.
     let failover = failover_verbs::build(&config).context("set up postgresql and traffic")?;
     failover_verbs::register(&mut registry, &failover);

@@ -10,6 +10,7 @@ pub mod backup;
 pub mod control;
 pub mod error;
 pub mod operations;
+pub mod restore;
 pub mod response;
 
 /// Milliseconds since the Unix epoch from the system clock. Only proposers call this: the

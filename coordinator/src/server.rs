@@ -154,6 +154,11 @@ async fn run_inner(
             ),
         )
         .add_service(
+            dr_proto::pb::restore_service_server::RestoreServiceServer::new(
+                crate::api::restore::RestoreApi::new(ctx.clone()),
+            ),
+        )
+        .add_service(
             dr_proto::pb::response_service_server::ResponseServiceServer::new(
                 crate::api::response::ResponseApi::new(ctx.clone()),
             ),

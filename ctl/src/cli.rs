@@ -108,6 +108,11 @@ pub enum Command {
     /// Durable operations (failovers, switchovers) and their steps.
     #[command(subcommand)]
     Operations(crate::cmd::operations::OperationsCmd),
+    /// Restore a database: latest, a backup, or a point in time; onto a host or in place.
+    Restore(crate::cmd::restore::RestoreArgs),
+    /// Restore drills (backup-restore): run one now, list past ones.
+    #[command(subcommand)]
+    Drill(crate::cmd::drill::DrillCmd),
     /// Isolate hosts: only their coordinator session (and management sources) stay open.
     Isolate(crate::cmd::isolate::IsolateArgs),
     /// Restore the selected hosts' pre-isolation firewall rules, byte for byte.

@@ -17,7 +17,9 @@ pub mod commands;
 pub mod demo;
 pub mod failover;
 pub mod isolate;
+pub mod drill;
 pub mod operations;
+pub mod restore;
 pub mod rotate;
 pub mod run;
 pub mod security;
@@ -48,6 +50,8 @@ pub async fn dispatch(cli: Cli, env: &HashMap<String, String>) -> anyhow::Result
         Command::Topology(c) => topology::run(&connect()?, c, format).await,
         Command::Failover(a) => failover::run(&connect()?, a, format).await,
         Command::Operations(c) => operations::run(&connect()?, c, format).await,
+        Command::Restore(a) => restore::run(&connect()?, a, format).await,
+        Command::Drill(c) => drill::run(&connect()?, c, format).await,
         Command::Commands(c) => commands::run(&connect()?, c, format).await,
         Command::Cancel { key, reason } => commands::cancel(&connect()?, key, reason, format).await,
         Command::Isolate(a) => isolate::isolate(&connect()?, a, format).await,

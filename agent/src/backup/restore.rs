@@ -58,6 +58,18 @@ pub async fn restore(
     opts: &RestoreOptions,
     cancel: &CancellationToken,
 ) -> BackupResult<RestoreStats> {
+    restore_with_progress(repo, id, target, opts, cancel, None).await
+}
+
+/// As [`restore`]; the bytes written so far are added to `progress` (progress bars read it).
+pub async fn restore_with_progress(
+    repo: &Repository,
+    id: &BackupId,
+    target: &Path,
+    opts: &RestoreOptions,
+    cancel: &CancellationToken,
+    progress: Option<&std::sync::atomic::AtomicU64>,
+) -> BackupResult<RestoreStats> {
     let span = info_span!("restore", backup = %id, target = %target.display());
     async move {
         match std::fs::read_dir(target) {
@@ -126,6 +138,7 @@ pub async fn restore(
                     return Err(BackupError::Cancelled);
                 }
                 let data = repo.get_chunk(id).await?;
+                let written = data.len() as u64;
                 blocking(move || {
                     let f = std::fs::OpenOptions::new()
                         .write(true)
@@ -134,7 +147,11 @@ pub async fn restore(
                     f.write_all_at(&data, offset)
                         .map_err(io(format!("write {}", path.display())))
                 })
-                .await
+                .await?;
+                if let Some(p) = progress {
+                    p.fetch_add(written, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(())
             })
             .buffer_unordered(repo.config().concurrency)
             .try_collect::<()>()

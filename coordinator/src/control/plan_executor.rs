@@ -111,6 +111,7 @@ impl PlanExecutor {
         let effect = match kind {
             InternalKind::RaiseEpoch => InternalEffect::EpochRaised,
             InternalKind::RecordMetrics => InternalEffect::MetricsRecorded,
+            InternalKind::RecordRestore => InternalEffect::RestoreRecorded,
             InternalKind::WaitLease => {
                 let old = op.vars.get("old_primary").cloned().unwrap_or_default();
                 let policy = self.ctx.node.read(|s| {

@@ -37,6 +37,9 @@ use super::{Refusal, Response, State};
 
 #[path = "operations_plans.rs"]
 pub mod plans;
+/// Restore and drill planning (issue 4).
+#[path = "restore.rs"]
+pub mod restore;
 
 /// Operations kept after they finish (older finished ones are dropped).
 pub const FINISHED_KEPT: usize = 200;
@@ -75,6 +78,10 @@ pub enum OpKind {
     Failover,
     /// Unplanned, forced by an operator (estimated loss stated).
     ForcedFailover,
+    /// Restore / point-in-time recovery of a database (issue 4); `cluster` is `restore:<db>`.
+    Restore,
+    /// Restore drill into a scratch instance (issue 4); `cluster` is `drill:<db>`.
+    Drill,
 }
 
 impl OpKind {
@@ -83,12 +90,18 @@ impl OpKind {
             OpKind::Switchover => "switchover",
             OpKind::Failover => "failover",
             OpKind::ForcedFailover => "forced_failover",
+            OpKind::Restore => "restore",
+            OpKind::Drill => "drill",
         }
     }
     /// Whether the old primary must stop getting leases as soon as the operation exists
     /// (unplanned: it is presumed gone and must fence itself).
     pub fn revokes_lease_at_start(self) -> bool {
-        !matches!(self, OpKind::Switchover)
+        matches!(self, OpKind::Failover | OpKind::ForcedFailover)
+    }
+    /// Restores and drills work on backups, not on a topology cluster.
+    pub fn is_restore(self) -> bool {
+        matches!(self, OpKind::Restore | OpKind::Drill)
     }
 }
 
@@ -204,6 +217,8 @@ pub enum InternalKind {
     RaiseEpoch,
     /// Compute RTO / RPO / write-unavailable time from the step timestamps.
     RecordMetrics,
+    /// Record a restore's or drill's duration, recovery point and verification.
+    RecordRestore,
 }
 
 impl InternalKind {
@@ -213,6 +228,7 @@ impl InternalKind {
             InternalKind::WaitLease => "wait_lease",
             InternalKind::RaiseEpoch => "raise_epoch",
             InternalKind::RecordMetrics => "record_metrics",
+            InternalKind::RecordRestore => "record_restore",
         }
     }
 }
@@ -303,6 +319,7 @@ pub enum InternalEffect {
     },
     EpochRaised,
     MetricsRecorded,
+    RestoreRecorded,
 }
 
 /// Tagged `ops` (not `type`): it travels inside `Command::Ops`, whose own tag is `type`.
@@ -541,7 +558,7 @@ fn create_operation(state: &mut State, at: i64, origin: &str, new: &NewOperation
     {
         return Response::Unchanged;
     }
-    if !state.ops.clusters.contains_key(&new.cluster) {
+    if !new.kind.is_restore() && !state.ops.clusters.contains_key(&new.cluster) {
         return invalid(format!(
             "database cluster `{}` is not in the committed topology",
             new.cluster
@@ -969,6 +986,7 @@ fn complete_internal(
         ) | (InternalKind::WaitLease, InternalEffect::LeaseWaited { .. })
             | (InternalKind::RaiseEpoch, InternalEffect::EpochRaised)
             | (InternalKind::RecordMetrics, InternalEffect::MetricsRecorded)
+            | (InternalKind::RecordRestore, InternalEffect::RestoreRecorded)
     );
     if !matches {
         return invalid(format!(
@@ -1026,7 +1044,7 @@ fn complete_internal(
             details.insert("epoch".into(), c.epoch.to_string());
             msg = format!("epoch {} (primary of record: {candidate})", c.epoch);
         }
-        InternalEffect::MetricsRecorded => {}
+        InternalEffect::MetricsRecorded | InternalEffect::RestoreRecorded => {}
     }
     let Some(op) = state.ops.operations.get_mut(&op_id) else {
         return invalid("operation vanished");
@@ -1040,6 +1058,15 @@ fn complete_internal(
     op.steps[i].details = details;
     if kind == InternalKind::RecordMetrics {
         record_metrics(op, at);
+        msg = op
+            .results
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+    }
+    if kind == InternalKind::RecordRestore {
+        op.results = restore::results(op, at);
         msg = op
             .results
             .iter()
