@@ -7,7 +7,9 @@
 mod pg_pair;
 mod t10_topology;
 mod t20_switchover;
+mod t25_traffic;
 mod t30_region_cut;
 mod t40_agent_cut;
 mod t50_leader_kill_steps;
 mod t60_two_region;
+mod t80_failback;
