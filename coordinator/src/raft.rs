@@ -11,6 +11,7 @@
 //!                              └─ Network ──gRPC──► peers' RaftService (service.rs)
 //! ```
 
+pub mod batcher;
 pub mod log_store;
 pub mod network;
 pub mod node;

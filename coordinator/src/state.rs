@@ -93,6 +93,9 @@ pub enum Command {
     Backup(catalog::BackupCommand),
     /// Topology, database-cluster epochs and durable plans (see [`operations`]).
     Ops(operations::OpsCommand),
+    /// Several requests committed as one entry by the leader's group commit
+    /// (`raft/batcher.rs`); each is applied and audited as if it had its own entry.
+    Batch { requests: Vec<Request> },
     /// Isolation, revocations, monitoring level, alerts (see [`security`]).
     Security(security::SecurityCommand),
 }
@@ -111,6 +114,7 @@ impl Command {
             Command::ExpireCommands { .. } => "expire_commands",
             Command::Backup(_) => "backup",
             Command::Ops(o) => o.name(),
+            Command::Batch { .. } => "batch",
             Command::Security(s) => s.name(),
         }
     }
@@ -146,6 +150,8 @@ pub enum Response {
     Expired { keys: Vec<String> },
     /// Nothing changed; the reason is for the caller.
     Refused { refusal: Refusal },
+    /// `Batch`: one response per request, in order.
+    Batch { responses: Vec<Response> },
 }
 
 /// Why a request was refused. The API layer maps each variant to a gRPC code.

@@ -30,6 +30,7 @@ use openraft::{ChangeMembers, ServerState};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::batcher::{Batcher, LocalWriteError};
 use super::log_store::{LogStore, LogStoreError};
 use super::network::{Network, PeerCallError, classify_status};
 use super::state_machine::{SharedState, StateMachineError, StateMachineStore};
@@ -151,6 +152,8 @@ struct Inner {
     shared: SharedState,
     network: Network,
     log_store: LogStore,
+    /// Group commit of writes proposed on this node while it leads.
+    batcher: Batcher,
     /// Configured peers (for `cluster_init` without members).
     peers: Vec<(NodeId, NodeInfo)>,
     /// `election_timeout_max`: how long a leader may go without a quorum acknowledgement
@@ -216,6 +219,7 @@ impl RaftNode {
                 )
             })
             .collect();
+        let batcher = Batcher::start(raft.clone(), cancel.child_token());
         tracing::info!(node_id = config.node_id, data_dir = %config.data_dir.display(), "raft node started");
         Ok(RaftNode {
             inner: Arc::new(Inner {
@@ -228,6 +232,7 @@ impl RaftNode {
                 shared,
                 network,
                 log_store,
+                batcher,
                 peers,
                 quorum_grace: config.raft.election_timeout_max,
                 cancel,
@@ -335,17 +340,18 @@ impl RaftNode {
                             for_ms: u64::try_from(lost.as_millis()).unwrap_or(u64::MAX),
                         });
                     }
-                    match self.inner.raft.client_write(req.clone()).await {
-                        Ok(resp) => return Ok((resp.log_id.index, resp.data)),
-                        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                            last_error = format!("leadership moved to {:?}", f.leader_id);
+                    match self.write_local(req.clone()).await {
+                        Ok(r) => return Ok(r),
+                        Err(LocalWriteError::ForwardToLeader { leader }) => {
+                            last_error = format!("leadership moved to {leader:?}");
                         }
-                        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                        Err(LocalWriteError::ShuttingDown) => return Err(WriteError::ShuttingDown),
+                        Err(LocalWriteError::ChangeMembership(e)) => {
                             return Err(WriteError::Fatal(format!(
                                 "unexpected membership error: {e}"
                             )));
                         }
-                        Err(RaftError::Fatal(e)) => return Err(WriteError::Fatal(e.to_string())),
+                        Err(LocalWriteError::Fatal(e)) => return Err(WriteError::Fatal(e)),
                     }
                 }
                 Some((id, info)) => match self.forward(&info.addr, &req).await {
@@ -375,6 +381,12 @@ impl RaftNode {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Proposes `req` on THIS node, which must lead (group-committed with concurrent
+    /// writes; see `batcher.rs`). Used by [`RaftNode::write`] and by the Forward RPC.
+    pub async fn write_local(&self, req: Request) -> Result<(u64, Response), LocalWriteError> {
+        self.inner.batcher.submit(req).await
     }
 
     async fn forward(&self, addr: &str, req: &Request) -> Result<(u64, Response), PeerCallError> {

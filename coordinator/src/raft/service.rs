@@ -15,11 +15,11 @@ use std::sync::Arc;
 use dr_proto::identity::Identity;
 use dr_proto::pb;
 use dr_proto::pb::raft_service_server::RaftService;
-use openraft::error::{ClientWriteError, RaftError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
 
+use super::batcher::LocalWriteError;
 use super::node::{RaftNode, leader_metadata};
 use crate::metrics::Metrics;
 
@@ -106,24 +106,25 @@ impl RaftService for RaftApi {
     ) -> Result<Response<pb::ForwardResponse>, Status> {
         self.authorise(&req)?;
         let command: crate::state::Request = decode(&req.get_ref().command)?;
-        match self.node.raft().client_write(command).await {
-            Ok(resp) => {
-                let response = serde_json::to_vec(&resp.data)
+        match self.node.write_local(command).await {
+            Ok((log_index, data)) => {
+                let response = serde_json::to_vec(&data)
                     .map_err(|e| Status::internal(format!("encode response: {e}")))?;
                 Ok(Response::new(pb::ForwardResponse {
                     response,
-                    log_index: resp.log_id.index,
+                    log_index,
                 }))
             }
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+            Err(LocalWriteError::ForwardToLeader { .. }) => {
                 let mut status = Status::unavailable("this coordinator is not the leader");
                 leader_metadata(&mut status, &self.node.leader());
                 Err(status)
             }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(Status::failed_precondition(e.to_string()))
+            Err(LocalWriteError::ChangeMembership(e)) => Err(Status::failed_precondition(e)),
+            Err(LocalWriteError::ShuttingDown) => {
+                Err(Status::unavailable("this coordinator is shutting down"))
             }
-            Err(RaftError::Fatal(e)) => Err(Status::internal(format!("raft stopped: {e}"))),
+            Err(LocalWriteError::Fatal(e)) => Err(Status::internal(format!("raft stopped: {e}"))),
         }
     }
 }

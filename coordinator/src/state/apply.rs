@@ -65,6 +65,7 @@ pub fn apply(state: &mut State, log_index: u64, req: &Request) -> Response {
             c.target(),
             super::security::apply(state, at, &req.origin, c),
         ),
+        Command::Batch { requests } => return apply_batch(state, log_index, requests),
         Command::ExpireCommands { now } => {
             let resp = expire_commands(state, *now);
             let target = match &resp {
@@ -102,6 +103,21 @@ pub fn apply(state: &mut State, log_index: u64, req: &Request) -> Response {
         .audit
         .append(log_index, at, &req.origin, req.cmd.name(), target, result);
     resp
+}
+
+/// A group-committed entry: every request applied in order, each with its own origin, time
+/// and audit entry. Only the leader's batcher builds batches, never nested ones.
+fn apply_batch(state: &mut State, log_index: u64, requests: &[Request]) -> Response {
+    let responses = requests
+        .iter()
+        .map(|r| match r.cmd {
+            Command::Batch { .. } => Response::refused(Refusal::Invalid {
+                message: "nested batch".to_owned(),
+            }),
+            _ => apply(state, log_index, r),
+        })
+        .collect();
+    Response::Batch { responses }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -399,6 +415,40 @@ mod tests {
             version: "0.1.0".into(),
             incarnation: inc,
         }
+    }
+
+    #[test]
+    fn a_batch_applies_each_request_with_its_own_origin_and_audit_entry() {
+        let mut s = State::default();
+        let mut other = req(2, up("h2", 1));
+        other.origin = "spiffe://test/agent/h2".to_owned();
+        let batch = req(
+            3,
+            Command::Batch {
+                requests: vec![
+                    req(1, up("h1", 1)),
+                    other,
+                    req(2, up("h1", 1)),
+                    req(3, Command::Batch { requests: vec![] }),
+                    req(3, Command::CommandAcked { key: "nope".into() }),
+                ],
+            },
+        );
+        let resp = apply(&mut s, 7, &batch);
+        let Response::Batch { responses } = resp else {
+            panic!("expected a batch response, got {resp:?}");
+        };
+        assert_eq!(responses.len(), 5);
+        assert_eq!(responses[0], Response::Applied);
+        assert_eq!(responses[1], Response::Applied);
+        assert_eq!(responses[2], Response::Unchanged, "same as the first: a repeat");
+        assert!(matches!(&responses[3], Response::Refused { .. }), "nested batch refused");
+        assert!(matches!(&responses[4], Response::Refused { .. }));
+        assert_eq!(s.host("h1").unwrap().state_since_unix_ms, 1, "each keeps its own time");
+        let audit = s.audit.entries();
+        assert_eq!(audit.len(), 4, "one audit entry per request, none for the wrapper");
+        assert_eq!(audit[1].origin, "spiffe://test/agent/h2");
+        assert!(audit.iter().all(|e| e.log_index == 7));
     }
 
     fn check(name: &str, st: pb::CheckState) -> pb::CheckResult {
