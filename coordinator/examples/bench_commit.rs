@@ -4,8 +4,9 @@
 //! `synchronous=FULL` (fsync on every append batch), JSON payloads, mutual-TLS gRPC
 //! replication between the nodes. Running the nodes in one process over real loopback
 //! sockets measures exactly that, without the Control API's per-call TLS client in front.
-//! openraft batches concurrent proposals into one append (one fsync) per round, which is
-//! the "batching allowed" of the target.
+//! Concurrent proposals are group-committed (`raft/batcher.rs`: writes that arrive while
+//! earlier entries are in flight share one entry), which is the "batching allowed" of the
+//! target.
 //!
 //! ```text
 //! cargo run --release -p dr-coordinator --example bench_commit -- \
