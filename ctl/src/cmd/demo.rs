@@ -27,6 +27,7 @@ use crate::cli::DemoArgs;
 use crate::client::Client;
 
 pub mod layout;
+pub mod pg;
 pub mod process;
 pub mod steps;
 
@@ -37,6 +38,8 @@ use process::{ChildGuard, STOP_GRACE};
 pub struct Demo {
     // Field order matters: processes are stopped (dropped) before the directory goes.
     pub procs: BTreeMap<String, ChildGuard>,
+    /// The PostgreSQL servers, stopped by PID after the agents (which manage them).
+    pub pg: Option<pg::PgPair>,
     pub layout: Layout,
     pub client: Client,
     pub coordinator_bin: PathBuf,
@@ -55,6 +58,9 @@ impl Demo {
             if let Some(p) = self.procs.get_mut(&name) {
                 p.stop(STOP_GRACE);
             }
+        }
+        if let Some(pg) = self.pg.take() {
+            drop(pg);
         }
     }
 
@@ -88,6 +94,10 @@ pub fn scenario() -> Vec<(&'static str, StepFn)> {
         ("initialise the Raft cluster", |d| {
             Box::pin(steps::init_cluster(d))
         }),
+        (
+            "start PostgreSQL 15: primary in beijing, streaming replica in shanghai",
+            |d| Box::pin(pg::start_pair(d)),
+        ),
         ("start 5 agents", |d| Box::pin(steps::start_agents(d))),
         ("wait until all 5 agents are connected", |d| {
             Box::pin(steps::wait_agents_connected(d))
@@ -105,6 +115,17 @@ pub fn scenario() -> Vec<(&'static str, StepFn)> {
         (
             "restart the killed coordinator and wait until it caught up",
             |d| Box::pin(steps::restart_killed(d)),
+        ),
+        (
+            "apply the topology (beijing primary, shanghai replica, witness)",
+            |d| Box::pin(pg::apply_topology(d)),
+        ),
+        ("take a full backup of the beijing primary", |d| {
+            Box::pin(pg::backup(d))
+        }),
+        (
+            "regional failover with a writer running: drctl failover --to shanghai",
+            |d| Box::pin(pg::failover(d)),
         ),
     ]
 }
@@ -141,6 +162,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let client = Client::new(layout.client_config())?;
     let mut demo = Demo {
         procs: BTreeMap::new(),
+        pg: None,
         layout,
         client,
         coordinator_bin,

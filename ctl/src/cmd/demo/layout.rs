@@ -96,6 +96,8 @@ pub struct Layout {
     pub dir: PathBuf,
     pub nodes: Vec<NodeSpec>,
     pub hosts: Vec<HostSpec>,
+    /// The PostgreSQL pair, when the binaries are installed (`super::pg::bin_dir`).
+    pub pg: Option<super::pg::PgLayout>,
 }
 
 impl Layout {
@@ -114,10 +116,32 @@ impl Layout {
                 port,
             });
         }
+        let pg = match super::pg::bin_dir() {
+            None => None,
+            Some(bin_dir) => {
+                let server = |host_id: &'static str, i: u16| -> anyhow::Result<_> {
+                    let port = match base_port {
+                        Some(p) => p.checked_add(10 + i).context("--base-port too high")?,
+                        None => free_port()?,
+                    };
+                    Ok(super::pg::PgServer {
+                        host_id,
+                        port,
+                        dir: dir.join("pg").join(host_id),
+                    })
+                };
+                Some(super::pg::PgLayout {
+                    primary: server("bj-db-1", 0)?,
+                    replica: server("sh-db-1", 1)?,
+                    bin_dir,
+                })
+            }
+        };
         Ok(Self {
             dir: dir.to_path_buf(),
             nodes,
             hosts: HOSTS.to_vec(),
+            pg,
         })
     }
 
@@ -307,6 +331,14 @@ impl Layout {
             "\n[[actions]]\nname = \"hello\"\ncommand = [\"echo\", \"hello from {}\"]\ntimeout = \"10s\"",
             h.host_id
         );
+        // Maintenance hooks that only say so: the switchover turns maintenance on and off in
+        // the regions it moves between.
+        s.push_str("\n[maintenance]\non = [[\"true\"]]\noff = [[\"true\"]]\n");
+        if let Some(pg) = &self.pg
+            && let Some(server) = pg.server(h.host_id)
+        {
+            s.push_str(&server.agent_toml(&pg.bin_dir));
+        }
         s
     }
 
