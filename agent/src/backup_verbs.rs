@@ -435,18 +435,38 @@ async fn prune(env: Env, args: HashMap<String, String>, ctx: ActionCtx) -> Actio
                 }
             }
         }
-        match crate::backup::prune::prune(&repo, grace, false).await {
-            Ok(rep) => ActionOutput::ok(format!(
-                "pruned {} backup(s) and {} unreferenced chunk(s); {} kept for the grace period",
-                deleted.len(),
-                rep.deleted,
-                rep.kept_young
-            ))
-            .with_detail("deleted", deleted.join(","))
-            .with_detail("orphans_deleted", rep.deleted.to_string()),
-            Err(e) => ActionOutput::failed(format!("prune: {e}"))
-                .with_detail("deleted", deleted.join(",")),
-        }
+        let rep = match crate::backup::prune::prune(&repo, grace, false).await {
+            Ok(rep) => rep,
+            Err(e) => {
+                return ActionOutput::failed(format!("prune: {e}"))
+                    .with_detail("deleted", deleted.join(","));
+            }
+        };
+        // WAL no remaining physical backup needs (on by default; `wal=false` keeps it all).
+        let wal = if args.get("wal").is_none_or(|v| v != "false") {
+            match crate::backup::prune::prune_wal(&repo, false).await {
+                Ok(w) => w,
+                Err(e) => {
+                    return ActionOutput::failed(format!("prune archived WAL: {e}"))
+                        .with_detail("deleted", deleted.join(","))
+                        .with_detail("orphans_deleted", rep.deleted.to_string());
+                }
+            }
+        } else {
+            crate::backup::prune::WalPruneReport::default()
+        };
+        ActionOutput::ok(format!(
+            "pruned {} backup(s), {} unreferenced chunk(s) ({} kept for the grace period) and {} WAL file(s) older than segment {}",
+            deleted.len(),
+            rep.deleted,
+            rep.kept_young,
+            wal.deleted,
+            if wal.keep_from.is_empty() { "-" } else { wal.keep_from.as_str() }
+        ))
+        .with_detail("deleted", deleted.join(","))
+        .with_detail("orphans_deleted", rep.deleted.to_string())
+        .with_detail("wal_deleted", wal.deleted.to_string())
+        .with_detail("wal_keep_from", wal.keep_from)
     }
     .instrument(span)
     .await
@@ -454,6 +474,8 @@ async fn prune(env: Env, args: HashMap<String, String>, ctx: ActionCtx) -> Actio
 
 /// `wal.status`: args `repo_config`. Details: `archived` (count), `last` (newest WAL file
 /// name), `last_modified_unix_ms`.
+/// `wal.status` with `pg_url`: also `lag_secs`, `lag_bytes`, `last_archived`, `switched`
+/// (see [`archive_lag`]; `max_lag_secs` is the tier's RPO).
 async fn wal_status(env: Env, args: HashMap<String, String>, _ctx: ActionCtx) -> ActionOutput {
     let repo = match arg(&args, "repo_config") {
         Ok(p) => match open(&env, p).await {
@@ -462,7 +484,7 @@ async fn wal_status(env: Env, args: HashMap<String, String>, _ctx: ActionCtx) ->
         },
         Err(e) => return ActionOutput::failed(e),
     };
-    match repo.list_objects("wal/").await {
+    let mut out = match repo.list_objects("wal/").await {
         Ok(entries) => {
             let mut names: Vec<(String, i64)> = entries
                 .iter()
@@ -496,7 +518,87 @@ async fn wal_status(env: Env, args: HashMap<String, String>, _ctx: ActionCtx) ->
             .with_detail("last_modified_unix_ms", at.to_string())
         }
         Err(e) => ActionOutput::failed(format!("list archived WAL: {e}")),
+    };
+    let Some(url) = opt_arg(&args, "pg_url") else {
+        return out;
+    };
+    if !out.success {
+        return out;
     }
+    let max_lag = args.get("max_lag_secs").and_then(|v| v.parse::<f64>().ok());
+    match archive_lag(&url, max_lag).await {
+        Ok(lag) => {
+            out.message = format!(
+                "{}; archive lag {:.0} s, {} bytes{}",
+                out.message,
+                lag.secs,
+                lag.bytes,
+                if lag.switched {
+                    " (segment switch forced: lag above the RPO)"
+                } else {
+                    ""
+                }
+            );
+            out.with_detail("lag_secs", format!("{:.1}", lag.secs))
+                .with_detail("lag_bytes", lag.bytes.to_string())
+                .with_detail("last_archived", lag.last_archived)
+                .with_detail("switched", lag.switched.to_string())
+        }
+        Err(e) => ActionOutput::failed(format!("archive lag: {e}")),
+    }
+}
+
+/// The server's archive lag: time since the last archived segment (0 when nothing waits to
+/// be archived) and bytes written after it.
+struct ArchiveLag {
+    secs: f64,
+    bytes: u64,
+    last_archived: String,
+    switched: bool,
+}
+
+/// Reads `pg_stat_archiver`; on a primary whose lag is above `max_lag_secs` with WAL waiting,
+/// forces `pg_switch_wal()` so the partial segment is archived now (the RPO bound; the same
+/// as PostgreSQL's `archive_timeout`, but driven by the tier's RPO).
+async fn archive_lag(url: &str, max_lag_secs: Option<f64>) -> Result<ArchiveLag, sqlx::Error> {
+    use sqlx::Connection as _;
+    let mut c = sqlx::PgConnection::connect(url).await?;
+    let row: (bool, String, String, Option<f64>) = sqlx::query_as(
+        "select pg_is_in_recovery(), \
+                coalesce(last_archived_wal, ''), \
+                (case when pg_is_in_recovery() then '0/0'::pg_lsn else pg_current_wal_lsn() end)::text, \
+                extract(epoch from now() - coalesce(last_archived_time, pg_postmaster_start_time()))::float8 \
+           from pg_stat_archiver",
+    )
+    .fetch_one(&mut c)
+    .await?;
+    let (in_recovery, last, current, age) = row;
+    let cur: crate::backup::Lsn = current.parse().unwrap_or(crate::backup::Lsn(0));
+    // End of the last archived segment; everything after it waits for the archiver.
+    let archived_end = crate::backup::prune::segment_number(&last)
+        .map(|n| (n + 1) * (16 << 20))
+        .unwrap_or(0);
+    let bytes = if in_recovery {
+        0
+    } else {
+        cur.0.saturating_sub(archived_end)
+    };
+    let secs = if bytes == 0 { 0.0 } else { age.unwrap_or(0.0) };
+    let mut switched = false;
+    if !in_recovery && bytes > 0 && max_lag_secs.is_some_and(|m| secs >= m) {
+        let lsn: String = sqlx::query_scalar("select pg_switch_wal()::text")
+            .fetch_one(&mut c)
+            .await?;
+        info!(%lsn, lag_secs = secs, lag_bytes = bytes, "archive lag above the RPO: WAL segment switched");
+        switched = true;
+    }
+    let _closed = c.close().await;
+    Ok(ArchiveLag {
+        secs,
+        bytes,
+        last_archived: last,
+        switched,
+    })
 }
 
 /// Reports (message, done, total) every 500 ms until dropped: the work counts bytes in
