@@ -13,7 +13,9 @@
 //! dr-agent restore-files --repo-config F --backup ID|latest --target DIR [--dry-run] [--overwrite]
 //! dr-agent backup list  --repo-config F [--output json]
 //! dr-agent backup verify --repo-config F [ID | --all] [--output json]
-//! dr-agent restore      --repo-config F --backup ID|latest --target DIR [--no-recovery]
+//! dr-agent restore      --repo-config F [--backup ID|latest] --target DIR [--no-recovery]
+//!                       [--to-time T | --to-lsn L | --to-xid X | --to-name N | --immediate]
+//!                       [--target-action promote|pause] [--timeline TL] [--port P] [--start]
 //! dr-agent wal-push %p  --repo-config F            archive_command
 //! dr-agent wal-fetch %f %p --repo-config F         restore_command (exit 1 if absent)
 //! ```
@@ -35,7 +37,6 @@ use super::logical::{DumpOptions, RestoreLogicalOptions, resolve_kind, restore_d
 use super::manifest::{BackupId, BackupKind};
 use super::repo::Repository;
 use super::repo_config::RepoConfig;
-use super::restore::{RestoreOptions, restore};
 use super::verify::verify;
 use super::wal_fetch::wal_fetch;
 use super::wal_push::{PushOutcome, wal_push};
@@ -141,15 +142,49 @@ pub struct RunArgs {
 pub struct RestoreArgs {
     #[command(flatten)]
     pub repo: RepoArg,
-    /// Backup id or `latest`.
+    /// Backup id or `latest`; default: the newest backup that ends before the target.
     #[arg(long)]
-    pub backup: String,
+    pub backup: Option<String>,
     /// Absent or empty directory.
     #[arg(long)]
     pub target: PathBuf,
     /// Do not write recovery.signal / restore_command.
     #[arg(long)]
     pub no_recovery: bool,
+    /// Recover to this time (RFC 3339 with a zone).
+    #[arg(long, group = "pitr")]
+    pub to_time: Option<String>,
+    /// Recover to this LSN (e.g. 0/3000060).
+    #[arg(long, group = "pitr")]
+    pub to_lsn: Option<String>,
+    /// Recover until this transaction committed.
+    #[arg(long, group = "pitr")]
+    pub to_xid: Option<String>,
+    /// Recover to this restore point (pg_create_restore_point).
+    #[arg(long, group = "pitr")]
+    pub to_name: Option<String>,
+    /// Stop as soon as the backup is consistent (exactly the backup's data).
+    #[arg(long, group = "pitr")]
+    pub immediate: bool,
+    /// promote (default) or pause at the target.
+    #[arg(long, default_value = "promote", value_parser = ["promote", "pause"])]
+    pub target_action: String,
+    /// recovery_target_timeline: latest (default), current or a number.
+    #[arg(long, default_value = "")]
+    pub timeline: String,
+    /// Port of the restored server (written to postgresql.auto.conf).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// unix_socket_directories of the restored server.
+    #[arg(long)]
+    pub socket_dir: Option<String>,
+    /// Keep archive_mode as backed up (default: off, so a copy does not archive into the
+    /// source's repository).
+    #[arg(long)]
+    pub keep_archive: bool,
+    /// Start the server (as the postgres user) and wait until recovery reached the target.
+    #[arg(long)]
+    pub start: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -275,22 +310,6 @@ fn cancel_on_signal() -> CancellationToken {
         c.cancel();
     });
     cancel
-}
-
-/// Shell-quote one argument for a restore_command line.
-fn sh_quote(s: &str) -> String {
-    if s.chars()
-        .all(|c| c.is_ascii_alphanumeric() || "/._-+=:@".contains(c))
-    {
-        s.to_string()
-    } else {
-        format!(
-            "\"{}\"",
-            s.replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('$', "\\$")
-        )
-    }
 }
 
 /// Entry point for `main.rs`: logging to stderr, a runtime, the command, an exit code.
@@ -538,36 +557,31 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Restore(a) => {
-            let cfg = load(&a.repo)?;
-            let r = Repository::open(&cfg)
-                .await
-                .context("open backup repository")?;
-            let id = r.resolve(&a.backup).await?;
-            let restore_command = if a.no_recovery {
-                None
-            } else {
-                let exe = std::env::current_exe().context("find the dr-agent executable")?;
-                let conf = cfg.source.clone().unwrap_or(a.repo.repo_config.clone());
-                Some(format!(
-                    "{} wal-fetch %f %p --repo-config {}",
-                    sh_quote(&exe.to_string_lossy()),
-                    sh_quote(&conf.to_string_lossy())
-                ))
+            let (target_type, target_value) = match (&a.to_time, &a.to_lsn, &a.to_xid, &a.to_name) {
+                (Some(t), _, _, _) => ("time", t.clone()),
+                (_, Some(l), _, _) => ("lsn", l.clone()),
+                (_, _, Some(x), _) => ("xid", x.clone()),
+                (_, _, _, Some(n)) => ("name", n.clone()),
+                _ if a.immediate => ("immediate", String::new()),
+                _ => ("latest", String::new()),
             };
-            let cancel = cancel_on_signal();
-            let opts = RestoreOptions {
-                restore_command,
-                extra_conf: Vec::new(),
+            let req = crate::restore_verbs::StandaloneRestore {
+                repo_config: a.repo.repo_config.clone(),
+                backup: a.backup.clone(),
+                target: a.target.clone(),
+                no_recovery: a.no_recovery,
+                target_type: target_type.to_owned(),
+                target_value,
+                target_action: a.target_action.clone(),
+                timeline: a.timeline.clone(),
+                port: a.port,
+                socket_dir: a.socket_dir.clone(),
+                keep_archive: a.keep_archive,
+                start: a.start,
             };
-            let st = restore(&r, &id, &a.target, &opts, &cancel)
-                .await
-                .context("restore")?;
-            println!(
-                "restored {id} into {} ({} files, {} bytes)",
-                a.target.display(),
-                st.files,
-                st.bytes
-            );
+            for line in crate::restore_verbs::standalone(req, cancel_on_signal()).await? {
+                println!("{line}");
+            }
         }
         Command::WalPush(a) => {
             let r = open(&a.repo).await?;
