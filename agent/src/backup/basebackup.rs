@@ -32,7 +32,7 @@ use tracing::{Instrument, info, info_span, warn};
 use super::files::{self, FoundKind};
 use super::key::ChunkId;
 use super::manifest::{BackupId, BackupKind, BackupStats, Entry, EntryKind, Lsn, Manifest};
-use super::repo::{CHUNK_SIZE, Repository};
+use super::repo::{CHUNK_SIZE, ChunkSink, Repository, Stored};
 use super::{BackupError, BackupResult, blocking};
 
 /// What to back up.
@@ -254,10 +254,15 @@ async fn copy_data_dir(
         });
     }
 
+    // Pipeline: `concurrency` chunks in flight, each one blocking step (read, hash, skip if
+    // known, compress, encrypt, write) on the blocking pool, so the two cores do nothing but
+    // that work; memory is bounded by `concurrency` x (chunk + sealed chunk).
+    let sink = Arc::new(ChunkSink::new(repo));
     let concurrency = repo.config().concurrency;
     let mut results = futures::stream::iter(jobs)
         .map(|job| {
             let known = known.clone();
+            let sink = sink.clone();
             async move {
                 if cancel.is_cancelled() {
                     return Err(BackupError::Cancelled);
@@ -265,24 +270,32 @@ async fn copy_data_dir(
                 let path = job.path.clone();
                 let offset = (job.index * CHUNK_SIZE) as u64;
                 let k = repo.key().clone();
-                // Read and hash in one blocking step; a chunk already known (parent, or
-                // uploaded earlier in this run) then costs no storage round trip.
-                let (data, id) = blocking(move || {
+                let sk = sink.clone();
+                let r = blocking(move || {
                     let data = read_chunk(&path, offset)?;
+                    if data.is_empty() {
+                        return Ok(None);
+                    }
                     let id = k.hash(&data);
-                    Ok((data, id))
+                    // Known: in the parent, or stored earlier in this run; then no storage
+                    // round trip at all.
+                    let is_known = known.lock().map(|s| s.contains(&id)).unwrap_or(false);
+                    let stored = sk.put_blocking(id, &data, is_known)?;
+                    if let Ok(mut s) = known.lock() {
+                        s.insert(id);
+                    }
+                    Ok(Some((id, data.len(), stored)))
                 })
                 .await?;
-                let len = data.len();
-                if len == 0 {
-                    return Ok((job, None));
-                }
-                let is_known = known.lock().map(|s| s.contains(&id)).unwrap_or(false);
-                let stored = repo.put_chunk(id, data, is_known).await?;
-                if let Ok(mut s) = known.lock() {
-                    s.insert(id);
-                }
-                Ok((job, Some((id, len, stored))))
+                let r = match r {
+                    None => None,
+                    Some((id, len, Stored::Skipped)) => Some((id, len, None)),
+                    Some((id, len, Stored::Written(n))) => Some((id, len, Some(n))),
+                    Some((id, len, Stored::Upload(name, sealed))) => {
+                        Some((id, len, sink.upload(&name, sealed).await?))
+                    }
+                };
+                Ok((job, r))
             }
         })
         .buffer_unordered(concurrency);
@@ -299,6 +312,9 @@ async fn copy_data_dir(
         }
     }
     drop(results);
+    // Every chunk durable before the caller writes the manifest.
+    let s = sink.clone();
+    blocking(move || s.finish_blocking()).await?;
 
     // Assemble chunk lists; a file truncated while we read it ends at its first short chunk.
     for (file, chunks) in pending {

@@ -137,15 +137,25 @@ pub async fn restore_with_progress(
                 if cancel.is_cancelled() {
                     return Err(BackupError::Cancelled);
                 }
-                let data = repo.get_chunk(id).await?;
-                let written = data.len() as u64;
-                blocking(move || {
+                // fs repository: read, verify and write in one blocking step (no hop
+                // through the runtime, no copy); remote: download asynchronously first.
+                let data = match repo.fs_root() {
+                    Some(_) => None,
+                    None => Some(repo.get_chunk(id).await?),
+                };
+                let r = repo.clone();
+                let written = blocking(move || {
+                    let data = match data {
+                        Some(d) => d,
+                        None => r.get_chunk_blocking(id)?,
+                    };
                     let f = std::fs::OpenOptions::new()
                         .write(true)
                         .open(path.as_path())
                         .map_err(io(format!("open {}", path.display())))?;
                     f.write_all_at(&data, offset)
-                        .map_err(io(format!("write {}", path.display())))
+                        .map_err(io(format!("write {}", path.display())))?;
+                    Ok(data.len() as u64)
                 })
                 .await?;
                 if let Some(p) = progress {

@@ -4,11 +4,19 @@
 //! asks for files past the end of the archive (and for history files of future timelines) as a
 //! matter of course, so "not found" is quiet and not an error.
 //!
-//! Prefetch: replay asks for segments one at a time, one process each. When a spool directory
-//! is configured, a miss fetches the requested segment *and* the next `wal_prefetch` ones
-//! concurrently, verified, into the spool (temp name + rename, so a half-written spool file is
-//! never used); later calls are a rename. Spool files older than the requested one are
-//! removed. Next-segment names assume 16 MiB segments; another size only costs misses.
+//! Prefetch (why: replay asks for segments one at a time, one process each, and waits for
+//! every answer; a storage round trip per segment would stall replay). When a spool directory
+//! is configured, every call makes sure a *background* prefetcher is filling the spool with
+//! the next `wal_prefetch` segments (verified, temp name + rename, so a half-written spool file
+//! is never used), and returns at once: a hit is a rename; a miss (replay start, or replay
+//! overtook the prefetcher) fetches the requested segment and the window together. The prefetcher is this same program started detached with
+//! `DR_WAL_PREFETCH=1` (one at a time: `flock` on `<spool>/.prefetch.lock`); it fetches the
+//! window ahead of the segment it was started for, `concurrency` at a time, stops at the end
+//! of the archive and exits, so nothing outlives the recovery by more than one window and the
+//! spool never holds more than the window (bounded cache). Spool files older than the
+//! requested one are removed. Next-segment names assume 16 MiB segments; another size only
+//! costs misses. Spooled content is what the archive holds under that name, and an archived
+//! name never changes content (wal-push refuses that), so a spool file is never stale.
 
 use std::path::{Path, PathBuf};
 
@@ -19,18 +27,27 @@ use super::repo::{MAX_WAL_SIZE, Repository};
 use super::wal_push::wal_object_name;
 use super::{BackupError, BackupResult, blocking};
 
+/// Environment variable that turns a `wal-fetch` process into the background prefetcher.
+pub const PREFETCH_ENV: &str = "DR_WAL_PREFETCH";
+const LOCK_FILE: &str = ".prefetch.lock";
+
 /// Fetch one WAL file into `dest`. Returns false when the archive has no such file.
 pub async fn wal_fetch(repo: &Repository, file_name: &str, dest: &Path) -> BackupResult<bool> {
     let name = wal_object_name(file_name)?;
     let spool = repo.config().spool_dir.clone();
+    let window = next_segments(file_name, repo.config().wal_prefetch).unwrap_or_default();
+    if let Some(spool) = &spool
+        && std::env::var_os(PREFETCH_ENV).is_some()
+    {
+        // We are the background prefetcher started by another wal-fetch.
+        prefetch_window(repo, spool, file_name, &window).await;
+        return Ok(true);
+    }
     if let Some(spool) = &spool {
         let spooled = spool.join(file_name);
-        match tokio::fs::rename(&spooled, dest).await {
-            Ok(()) => {
-                debug!(wal = file_name, "served from the prefetch spool");
-                return Ok(true);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        let hit = match tokio::fs::rename(&spooled, dest).await {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(_) => {
                 // Other filesystem: copy, then drop the spool copy.
                 tokio::fs::copy(&spooled, dest).await.map_err(|e| {
@@ -40,27 +57,98 @@ pub async fn wal_fetch(repo: &Repository, file_name: &str, dest: &Path) -> Backu
                     )
                 })?;
                 let _ignored = tokio::fs::remove_file(&spooled).await;
-                return Ok(true);
+                true
             }
+        };
+        if hit {
+            debug!(wal = file_name, "served from the prefetch spool");
+            kick_prefetcher(spool, &window);
+            return Ok(true);
+        }
+        // A miss (replay start, or replay overtook the prefetcher): the requested segment and
+        // the window together, so the next calls are hits whatever the prefetcher does.
+        let (found, prefetched) = tokio::join!(
+            fetch_to(repo, &name, dest),
+            prefetch_into(repo, spool, &window)
+        );
+        if let Err(e) = prefetched {
+            warn!(error = %e, "wal prefetch failed; replay continues without it");
+        }
+        clean_spool(spool, file_name).await;
+        return found;
+    }
+    fetch_to(repo, &name, dest).await
+}
+
+/// Start the background prefetcher unless at least half the window is spooled or one is
+/// running (so one process start fetches about half a window, not one segment per call).
+fn kick_prefetcher(spool: &Path, window: &[String]) {
+    let present = window.iter().filter(|n| spool.join(n).exists()).count();
+    if window.is_empty() || present * 2 >= window.len().max(2) {
+        return;
+    }
+    if let Err(e) = std::fs::create_dir_all(spool) {
+        warn!(error = %e, spool = %spool.display(), "cannot create the wal prefetch spool");
+        return;
+    }
+    match try_lock(spool) {
+        Ok(Some(lock)) => drop(lock), // free: the child takes it (a race only costs a miss)
+        Ok(None) => return,           // a prefetcher is running
+        Err(e) => {
+            warn!(error = %e, "wal prefetch lock");
+            return;
         }
     }
-    let prefetch = match (&spool, next_segments(file_name, repo.config().wal_prefetch)) {
-        (Some(spool), Some(names)) if !names.is_empty() => Some((spool.clone(), names)),
-        _ => None,
+    let exe = match std::env::current_exe() {
+        // Only the dr-agent program can be the prefetcher (not a test binary calling in).
+        Ok(exe) if exe.file_name().is_some_and(|n| n == "dr-agent") => exe,
+        _ => return,
     };
-    let (found, prefetched) = tokio::join!(fetch_to(repo, &name, dest), async {
-        match &prefetch {
-            Some((spool, names)) => prefetch_into(repo, spool, names).await,
-            None => Ok(()),
+    let spawn = {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env(PREFETCH_ENV, "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            // Own process group: PostgreSQL's signals to the restore_command do not reach it.
+            .process_group(0)
+            .spawn()
+    };
+    if let Err(e) = spawn {
+        warn!(error = %e, "cannot start the wal prefetcher; replay continues without it");
+    }
+}
+
+fn try_lock(spool: &Path) -> std::io::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(spool.join(LOCK_FILE))?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(e.into()),
+    }
+}
+
+/// The prefetcher's work: fill the window ahead of `current`, then exit.
+async fn prefetch_window(repo: &Repository, spool: &Path, current: &str, window: &[String]) {
+    let lock = match try_lock(spool) {
+        Ok(Some(l)) => l,
+        Ok(None) => return,
+        Err(e) => {
+            warn!(error = %e, "wal prefetch lock");
+            return;
         }
-    });
-    if let Err(e) = prefetched {
+    };
+    if let Err(e) = prefetch_into(repo, spool, window).await {
         warn!(error = %e, "wal prefetch failed; replay continues without it");
     }
-    if let Some((spool, _)) = &prefetch {
-        clean_spool(spool, file_name).await;
-    }
-    found
+    clean_spool(spool, current).await;
+    drop(lock);
 }
 
 async fn fetch_to(repo: &Repository, name: &str, dest: &Path) -> BackupResult<bool> {
@@ -89,7 +177,9 @@ async fn prefetch_into(repo: &Repository, spool: &Path, names: &[String]) -> Bac
             if tokio::fs::try_exists(&target).await.unwrap_or(false) {
                 return Ok(());
             }
-            let tmp = spool.join(format!("{n}.tmp"));
+            // Per-process temp name: a foreground miss and the background prefetcher may
+            // fetch the same segment at once.
+            let tmp = spool.join(format!("{n}.{}.tmp", std::process::id()));
             if fetch_to(repo, &wal_object_name(n)?, &tmp).await? {
                 tokio::fs::rename(&tmp, &target)
                     .await
