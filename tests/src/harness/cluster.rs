@@ -462,9 +462,16 @@ impl TestCluster {
         );
         // Elections are slower than in the example: CI is a loaded 2-core machine and a
         // spurious election would make the tests flaky, not the product wrong.
+        // Benchmarks (scripts/bench-failover.sh) ask for the example's timings instead:
+        // DR_HARNESS_RAFT="HEARTBEAT,ELECTION_MIN,ELECTION_MAX", e.g. "100ms,500ms,1000ms".
+        let timings = std::env::var("DR_HARNESS_RAFT").ok();
+        let (hb, emin, emax) = match timings.as_deref().map(|t| t.split(',').collect::<Vec<_>>()) {
+            Some(v) if v.len() == 3 => (v[0].trim(), v[1].trim(), v[2].trim()),
+            _ => ("200ms", "1500ms", "3000ms"),
+        };
         s += &format!(
-            "\n[raft]\nheartbeat_interval = \"200ms\"\nelection_timeout_min = \"1500ms\"\n\
-             election_timeout_max = \"3000ms\"\nsnapshot_every = {}\n",
+            "\n[raft]\nheartbeat_interval = \"{hb}\"\nelection_timeout_min = \"{emin}\"\n\
+             election_timeout_max = \"{emax}\"\nsnapshot_every = {}\n",
             self.snapshot_every
         );
         // A low snapshot_every is how a test asks for snapshot catch-up: keep few log
