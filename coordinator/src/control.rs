@@ -13,6 +13,7 @@
 //! ```
 
 pub mod dispatcher;
+pub mod drill;
 pub mod expiry;
 pub mod failover;
 pub mod failure_detector;
@@ -97,6 +98,11 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) -> anyhow::Result<()>
             scheduler::Scheduler::new(ctx.clone())
                 .run(leading.clone())
                 .instrument(info_span!("backup_scheduler", term)),
+        );
+        tasks.spawn(
+            drill::DrillScheduler::new(ctx.clone())
+                .run(leading.clone())
+                .instrument(info_span!("drill_scheduler", term)),
         );
 
         // --- lead until deposed, a new term, shutdown, or a controller failing
