@@ -63,6 +63,8 @@ pub enum RaftNodeError {
     Config(#[from] Box<openraft::ConfigError>),
     #[error("start raft: {0}")]
     Start(String),
+    #[error("start the raft runtime: {0}")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// Why a write did not happen (or may not have).
@@ -139,6 +141,51 @@ impl ClusterError {
     }
 }
 
+/// The threads openraft runs on, apart from the process's main runtime.
+///
+/// Why: on the leader, the main runtime also carries every agent session (TLS handshakes,
+/// heartbeats, check results). Under a reconnect storm of thousands of agents its worker
+/// threads are saturated, and a Raft heartbeat or AppendEntries queued behind that work
+/// misses openraft's RPC timeout (= the heartbeat interval); followers then start an
+/// election, the new leader receives the same storm, and so on. With its own threads, the
+/// Raft core, replication and log I/O are scheduled by the operating system beside the
+/// agent load instead of behind it.
+struct RaftRuntime(Option<tokio::runtime::Runtime>);
+
+/// Worker threads of [`RaftRuntime`]: the core loop and the log/state-machine I/O can run
+/// at the same time; more would only compete with the agent load on a small machine.
+const RAFT_THREADS: usize = 2;
+
+impl RaftRuntime {
+    fn new() -> Result<Self, RaftNodeError> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(RAFT_THREADS)
+            .thread_name("raft")
+            .enable_all()
+            .build()
+            .map(|rt| RaftRuntime(Some(rt)))
+            .map_err(RaftNodeError::Runtime)
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(rt) => rt.handle().clone(),
+            // Only `drop` takes it.
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for RaftRuntime {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which tokio forbids inside another runtime; by now
+        // `shutdown` has stopped openraft, so nothing is left to wait for.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// This coordinator's Raft node. Cheap to clone.
 #[derive(Clone)]
 pub struct RaftNode {
@@ -154,6 +201,8 @@ struct Inner {
     log_store: LogStore,
     /// Group commit of writes proposed on this node while it leads.
     batcher: Batcher,
+    /// Where openraft's tasks run (dropped last, after everything that uses it).
+    _runtime: RaftRuntime,
     /// Configured peers (for `cluster_init` without members).
     peers: Vec<(NodeId, NodeInfo)>,
     /// `election_timeout_max`: how long a leader may go without a quorum acknowledgement
@@ -203,8 +252,15 @@ impl RaftNode {
         let shared = sm.shared();
         let network = Network::new(client_tls);
         let rc = Arc::new(raft_config(config)?);
-        let raft = openraft::Raft::new(config.node_id, rc, network.clone(), log_store.clone(), sm)
+        let runtime = RaftRuntime::new()?;
+        // openraft spawns its core, replication and storage tasks on the runtime it is
+        // created in: create it inside the dedicated one.
+        let (id, net, logs) = (config.node_id, network.clone(), log_store.clone());
+        let raft = runtime
+            .handle()
+            .spawn(async move { openraft::Raft::new(id, rc, net, logs, sm).await })
             .await
+            .map_err(|e| RaftNodeError::Start(e.to_string()))?
             .map_err(|e| RaftNodeError::Start(e.to_string()))?;
         let peers = config
             .peers
@@ -219,7 +275,10 @@ impl RaftNode {
                 )
             })
             .collect();
-        let batcher = Batcher::start(raft.clone(), cancel.child_token());
+        let batcher = {
+            let _guard = runtime.handle().enter();
+            Batcher::start(raft.clone(), cancel.child_token())
+        };
         tracing::info!(node_id = config.node_id, data_dir = %config.data_dir.display(), "raft node started");
         Ok(RaftNode {
             inner: Arc::new(Inner {
@@ -233,6 +292,7 @@ impl RaftNode {
                 network,
                 log_store,
                 batcher,
+                _runtime: runtime,
                 peers,
                 quorum_grace: config.raft.election_timeout_max,
                 cancel,
