@@ -20,8 +20,8 @@
 # started is stopped by PID (the anchor's pid files; the bench binary's ChildGuards).
 # Installs patroni and etcd-server with apt when missing (this bench only; test.sh never does).
 #
-# Usage (root; about 20 minutes):
-#   scripts/bench-failover.sh                     REPS=10 PLANNED_REPS=5 RPO_REPS=5 RPO_RATE=500
+# Usage (root; about 25 minutes):
+#   scripts/bench-failover.sh      REPS=10 BJ_LEADER_REPS=5 PLANNED_REPS=5 RPO_REPS=5 RPO_RATE=500
 #   SKIP_PATRONI=1 scripts/bench-failover.sh      ours only
 set -uo pipefail
 
@@ -29,6 +29,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPS=${REPS:-10}
 PLANNED_REPS=${PLANNED_REPS:-5}
 RPO_REPS=${RPO_REPS:-5}
+BJ_LEADER_REPS=${BJ_LEADER_REPS:-5}
 RPO_RATE=${RPO_RATE:-500}
 LEASE=${LEASE:-2s}
 DETECT_AFTER=${DETECT_AFTER:-1s}
@@ -89,6 +90,7 @@ run_ours() {
     local b="$ROOT/target/debug/dr-failover-bench" common=(--lease "$LEASE" --detect-after "$DETECT_AFTER" --csv "$WORK/ours.csv")
     echo "mode,rep,to_first_write_s,gap_s,acked,lost,lost_s,leader_was_beijing,rate" > "$WORK/ours.csv"
     RUST_LOG=${RUST_LOG:-warn} "$b" --mode unplanned --reps "$REPS" "${common[@]}" 2>>"$WORK/ours.log" | tee -a "$WORK/ours-summary.txt"
+    RUST_LOG=${RUST_LOG:-warn} "$b" --mode unplanned --leader beijing --reps "$BJ_LEADER_REPS" "${common[@]}" 2>>"$WORK/ours.log" | tee -a "$WORK/ours-summary.txt"
     RUST_LOG=${RUST_LOG:-warn} "$b" --mode planned --reps "$PLANNED_REPS" "${common[@]}" 2>>"$WORK/ours.log" | tee -a "$WORK/ours-summary.txt"
     RUST_LOG=${RUST_LOG:-warn} "$b" --mode rpo --rate "$RPO_RATE" --reps "$RPO_REPS" "${common[@]}" 2>>"$WORK/ours.log" | tee -a "$WORK/ours-summary.txt"
 }
@@ -121,6 +123,8 @@ def line(name, a, na, b, nb):
     r = a / b if b == b and b else float('nan')
     print('| %s | %d, %.2f s | %d, %.2f s | %.2f |' % (name, na, a, nb, b, r))
 line('unplanned: host loss to first write on the new primary', f(ou, 'to_first_write_s'), len(ou), f(pb, 'write_unavail_s'), len(pb))
+ob = [r for r in ours if r['mode'] == 'ours-unplanned-leader-in-beijing']
+line('unplanned, our Raft leader lost with beijing (worst case; Patroni: etcd survives)', f(ob, 'to_first_write_s'), len(ob), f(pb, 'write_unavail_s'), len(pb))
 line('planned: request to first write on the new primary', f(op, 'to_first_write_s'), len(op), f(pc, 'write_unavail_s'), len(pc))
 line('planned: write gap (last old write to first new)', f(op, 'gap_s'), len(op), f(pc, 'write_gap_s'), len(pc))
 print('| planned: acknowledged rows lost (total) | %d | %d | |' % (sum(int(r['lost']) for r in op), sum(int(r['lost']) for r in pc)))

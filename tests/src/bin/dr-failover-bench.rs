@@ -51,6 +51,12 @@ enum Mode {
     Rpo,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LeaderAt {
+    Elsewhere,
+    Beijing,
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "Measures our regional failover the way patroni-anchor.sh measures Patroni")]
 struct Args {
@@ -67,6 +73,11 @@ struct Args {
     /// The topology's detect_after.
     #[arg(long, default_value = "1s")]
     detect_after: String,
+    /// Where the coordinator leader is when beijing is lost: `elsewhere` (moved off beijing's
+    /// coordinator before the topology is applied; like Patroni's run, where etcd survives)
+    /// or `beijing` (the leader dies with the region: an election comes first).
+    #[arg(long, value_enum, default_value = "elsewhere")]
+    leader: LeaderAt,
     /// Append one CSV row per repetition here.
     #[arg(long)]
     csv: Option<PathBuf>,
@@ -269,7 +280,15 @@ async fn one_rep(args: &Args, rep: usize) -> Result<Row> {
         .start()
         .await?;
     let r = measure(args, rep, &mut cluster, &bj, &sh, &pgdir).await;
-    cluster.shutdown().await.ok();
+    if r.is_ok() {
+        cluster.shutdown().await.ok();
+    } else {
+        // Dropping the cluster without shutdown() stops its processes and keeps its
+        // directory (logs); keep the PostgreSQL logs too.
+        let kept = pgdir.keep();
+        eprintln!("rep {rep}: PostgreSQL dirs kept in {}", kept.display());
+        drop(cluster);
+    }
     bj.stop();
     sh.stop();
     r
@@ -283,6 +302,14 @@ async fn measure(
     sh: &PgNode,
     pgdir: &tempfile::TempDir,
 ) -> Result<Row> {
+    if args.leader == LeaderAt::Elsewhere && cluster.leader_id().await? == 1 {
+        // Before any topology (no primary lease yet, nothing to fence): hand leadership to
+        // shanghai or the witness by restarting beijing's coordinator.
+        cluster.stop(1).await?;
+        cluster.wait_for_leader(Some(1)).await?;
+        cluster.restart(1)?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     let file = pgdir.path().join("topology.toml");
     std::fs::write(&file, topology(bj, sh, &args.lease, &args.detect_after))?;
     let file = file.to_string_lossy().into_owned();
@@ -417,7 +444,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let mode = format!("{:?}", args.mode).to_lowercase();
+    let mode = match (args.mode, args.leader) {
+        (Mode::Planned, _) => "planned".to_owned(),
+        (m, LeaderAt::Elsewhere) => format!("{m:?}").to_lowercase(),
+        (m, LeaderAt::Beijing) => format!("{m:?}-leader-in-beijing").to_lowercase(),
+    };
     let mut rows = Vec::new();
     let mut failed = 0usize;
     for rep in 1..=args.reps {
