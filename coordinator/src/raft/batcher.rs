@@ -52,6 +52,8 @@ pub enum LocalWriteError {
     ShuttingDown,
 }
 
+/// Where a caller waits for its write. A send fails only when the caller stopped waiting
+/// (dropped its future), hence the `let _gone = reply.send(..)` below.
 type Reply = oneshot::Sender<Result<(u64, Response), LocalWriteError>>;
 
 /// Handle to the batching task. Cheap to clone.
@@ -124,7 +126,7 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<(Request, Reply)>, cancel: Cance
     // Fail what is still queued so no caller waits forever.
     rx.close();
     while let Ok((_, reply)) = rx.try_recv() {
-        let _ = reply.send(Err(LocalWriteError::ShuttingDown));
+        let _gone = reply.send(Err(LocalWriteError::ShuttingDown));
     }
 }
 
@@ -136,7 +138,7 @@ async fn commit(raft: &Raft, mut batch: Vec<(Request, Reply)>) {
                 .await
                 .map(|r| (r.log_id.index, r.data))
                 .map_err(map_error);
-            let _ = reply.send(res);
+            let _gone = reply.send(res);
         }
         return;
     }
@@ -155,7 +157,7 @@ async fn commit(raft: &Raft, mut batch: Vec<(Request, Reply)>) {
             match r.data {
                 Response::Batch { responses } if responses.len() == n => {
                     for (reply, resp) in replies.into_iter().zip(responses) {
-                        let _ = reply.send(Ok((index, resp)));
+                        let _gone = reply.send(Ok((index, resp)));
                     }
                 }
                 other => {
@@ -166,7 +168,7 @@ async fn commit(raft: &Raft, mut batch: Vec<(Request, Reply)>) {
                     ));
                     tracing::error!(error = %e, "group commit");
                     for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
+                        let _gone = reply.send(Err(e.clone()));
                     }
                 }
             }
@@ -174,7 +176,7 @@ async fn commit(raft: &Raft, mut batch: Vec<(Request, Reply)>) {
         Err(e) => {
             let e = map_error(e);
             for reply in replies {
-                let _ = reply.send(Err(e.clone()));
+                let _gone = reply.send(Err(e.clone()));
             }
         }
     }
