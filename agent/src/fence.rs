@@ -11,11 +11,17 @@
 //! 3. at the same time run the `stop_writes_hooks` so the region's application hosts stop
 //!    writing too.
 //!
-//! The lease arrives as a `watch` of "valid until" instants (the session sends the renewal,
-//! counts from the moment it SENT it, and publishes `Some(deadline)`). [`FenceTask`] sleeps
-//! until the deadline and is re-armed by each renewal: no polling. `None` means no lease was
-//! ever granted; then the deadline is `initial_grace` after the task started, so a primary
-//! whose agent never reaches a coordinator still fences. A later `None` never extends a lease.
+//! The lease arrives as a `watch` of the session's last [`Lease`] (the session sends the
+//! renewal, counts from the moment it SENT it, and publishes it). [`FenceTask`] sleeps until
+//! the deadline and is re-armed by each renewal: no polling. `None` means no lease was ever
+//! granted; then the deadline is `initial_grace` after the task started, so a primary whose
+//! agent never reaches a coordinator still fences. A later `None` never extends a lease.
+//!
+//! Only a lease that names a database cluster (the coordinators' recorded primary) arms the
+//! fence. The plain session lease (no topology yet, or a host in no database cluster) means
+//! no failover plan will ever promote another server in this one's place, so there is
+//! nothing to fence against: it disarms the fence instead. Without this, a coordinator
+//! leader crash (plain lease = 3 heartbeats) stopped every unmanaged database.
 //!
 //! Only a primary is fenced: a data dir with `standby.signal` cannot accept writes, so an
 //! expired lease there is only logged. If the agent itself dies nothing fences: run it under
@@ -30,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::pg::{PgError, PgInstance, StopReport};
+use crate::session::Lease;
 
 pub mod defaults {
     use std::time::Duration;
@@ -238,7 +245,7 @@ impl Fencer {
 /// Watches the lease and fences when it runs out. See the module docs.
 pub struct FenceTask {
     fencer: Arc<Fencer>,
-    lease: watch::Receiver<Option<Instant>>,
+    lease: watch::Receiver<Option<Lease>>,
 }
 
 /// Where the task is, for tests and status pages.
@@ -248,10 +255,17 @@ enum Armed {
     Until(Instant),
     /// Fired (or a standby at expiry); waiting for a renewal to re-arm.
     Fired,
+    /// Holding a plain lease: not a failover-managed primary, nothing to fence against.
+    Disarmed,
+}
+
+/// What a published lease means for the fence (`None`: a plain lease, disarm).
+fn deadline_of(lease: &Lease) -> Option<Instant> {
+    (!lease.db_cluster.is_empty()).then_some(lease.valid_until)
 }
 
 impl FenceTask {
-    pub fn new(fencer: Arc<Fencer>, lease: watch::Receiver<Option<Instant>>) -> Self {
+    pub fn new(fencer: Arc<Fencer>, lease: watch::Receiver<Option<Lease>>) -> Self {
         Self { fencer, lease }
     }
 
@@ -259,8 +273,8 @@ impl FenceTask {
     /// looks at the token again (a half-done fence is worse than a late shutdown).
     pub async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
         let grace = self.fencer.cfg.initial_grace;
-        let mut state = match *self.lease.borrow_and_update() {
-            Some(d) => Armed::Until(d),
+        let mut state = match self.lease.borrow_and_update().as_ref() {
+            Some(l) => deadline_of(l).map_or(Armed::Disarmed, Armed::Until),
             None => Armed::Until(Instant::now() + grace),
         };
         let mut sender_alive = true;
@@ -271,7 +285,7 @@ impl FenceTask {
                 let sleep = async move {
                     match armed {
                         Armed::Until(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
-                        Armed::Fired => std::future::pending().await,
+                        Armed::Fired | Armed::Disarmed => std::future::pending().await,
                     }
                 };
                 tokio::select! {
@@ -283,14 +297,21 @@ impl FenceTask {
                             sender_alive = false;
                             continue;
                         }
-                        let renewed = *self.lease.borrow_and_update();
-                        if let Some(d) = renewed
-                            && d > Instant::now()
-                        {
-                            if state == Armed::Fired {
-                                info!("lease granted again; fence re-armed (an existing fence stays until unfence)");
+                        let renewed = self.lease.borrow_and_update().clone();
+                        match renewed.as_ref().map(deadline_of) {
+                            Some(Some(d)) if d > Instant::now() => {
+                                if state == Armed::Fired {
+                                    info!("lease granted again; fence re-armed (an existing fence stays until unfence)");
+                                }
+                                state = Armed::Until(d);
                             }
-                            state = Armed::Until(d);
+                            Some(None) if state != Armed::Fired => {
+                                if state != Armed::Disarmed {
+                                    info!("plain session lease (this host is no recorded primary of a database cluster): fence disarmed");
+                                }
+                                state = Armed::Disarmed;
+                            }
+                            _ => {}
                         }
                     }
                     _ = sleep => {
@@ -350,14 +371,20 @@ mod tests {
                 format!("echo $DR_FENCE_REASON > {}", flag.display()),
             ]],
         );
-        let (tx, rx) = watch::channel(Some(Instant::now() + Duration::from_millis(200)));
+        let lease = |ms| {
+            Some(Lease {
+                valid_until: Instant::now() + Duration::from_millis(ms),
+                epoch: 1,
+                db_cluster: "t".into(),
+            })
+        };
+        let (tx, rx) = watch::channel(lease(200));
         let cancel = CancellationToken::new();
         let task = tokio::spawn(FenceTask::new(f.clone(), rx).run(cancel.clone()));
         // renewals keep it alive
         for _ in 0..3 {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            tx.send(Some(Instant::now() + Duration::from_millis(200)))
-                .unwrap();
+            tx.send(lease(200)).unwrap();
         }
         assert!(f.pg().fence_marker().unwrap().is_none());
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -367,6 +394,40 @@ mod tests {
             std::fs::read_to_string(&flag)
                 .unwrap()
                 .contains("lease expired")
+        );
+        cancel.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    /// A plain session lease (no database cluster) never fences, even when it runs out,
+    /// and it disarms the initial-grace deadline; a primary lease arms the fence again.
+    #[tokio::test]
+    async fn plain_lease_disarms_the_fence() {
+        let d = tempfile::tempdir().unwrap();
+        let f = fencer(d.path(), vec![]);
+        let plain = Some(Lease {
+            valid_until: Instant::now() + Duration::from_millis(50),
+            epoch: 0,
+            db_cluster: String::new(),
+        });
+        let (tx, rx) = watch::channel(plain);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(FenceTask::new(f.clone(), rx).run(cancel.clone()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            f.pg().fence_marker().unwrap().is_none(),
+            "a plain lease fenced"
+        );
+        tx.send(Some(Lease {
+            valid_until: Instant::now() + Duration::from_millis(100),
+            epoch: 1,
+            db_cluster: "t".into(),
+        }))
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(
+            f.pg().fence_marker().unwrap().is_some(),
+            "primary lease expiry did not fence"
         );
         cancel.cancel();
         task.await.unwrap().unwrap();

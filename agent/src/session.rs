@@ -90,7 +90,7 @@ struct Shared {
 pub struct SessionHandle {
     shared: Arc<Mutex<Shared>>,
     /// The lease's end, pushed on every grant: the fence task sleeps on it.
-    lease_tx: Arc<tokio::sync::watch::Sender<Option<Instant>>>,
+    lease_tx: Arc<tokio::sync::watch::Sender<Option<Lease>>>,
 }
 
 impl Default for SessionHandle {
@@ -125,8 +125,9 @@ impl SessionHandle {
         lock(&self.shared).leader.clone()
     }
 
-    /// Follows the lease's end as grants arrive (`None`: never granted).
-    pub fn lease_watch(&self) -> tokio::sync::watch::Receiver<Option<Instant>> {
+    /// Follows the lease as grants arrive (`None`: never granted). A lease without a
+    /// `db_cluster` is the plain session lease of a host no failover plan depends on.
+    pub fn lease_watch(&self) -> tokio::sync::watch::Receiver<Option<Lease>> {
         self.lease_tx.subscribe()
     }
 
@@ -151,10 +152,9 @@ impl SessionHandle {
             .as_ref()
             .is_none_or(|l| l.valid_until <= lease.valid_until)
         {
-            let until = lease.valid_until;
-            s.lease = Some(lease);
+            s.lease = Some(lease.clone());
             drop(s);
-            self.lease_tx.send_replace(Some(until));
+            self.lease_tx.send_replace(Some(lease));
         }
     }
 }

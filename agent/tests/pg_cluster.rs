@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use dr_agent::fence::{FenceConfig, FenceTask, Fencer};
 use dr_agent::pg::{Epoch, Lsn, PgError, Role, StopMode};
+use dr_agent::session::Lease;
 use pg_common::{Node, init_tracing, wait_until};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -213,14 +214,22 @@ async fn t20_lease_expiry_fences_primary() {
         .unwrap(),
     );
     let lease = Duration::from_millis(400);
-    let (tx, rx) = watch::channel(Some(Instant::now() + lease));
+    // A lease that names a database cluster: only those arm the fence.
+    let grant = |d: Duration| {
+        Some(Lease {
+            valid_until: Instant::now() + d,
+            epoch: 1,
+            db_cluster: "main".into(),
+        })
+    };
+    let (tx, rx) = watch::channel(grant(lease));
     let cancel = CancellationToken::new();
     let task = tokio::spawn(FenceTask::new(fencer.clone(), rx).run(cancel.clone()));
 
     info!("--- renewals keep the primary up");
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(150)).await;
-        tx.send(Some(Instant::now() + lease)).unwrap();
+        tx.send(grant(lease)).unwrap();
     }
     assert!(p.pg.is_running().unwrap());
 
@@ -267,8 +276,7 @@ async fn t20_lease_expiry_fences_primary() {
 
     info!("--- explicit fence from the coordinator, while the lease is valid");
     {
-        tx.send(Some(Instant::now() + Duration::from_secs(60)))
-            .unwrap();
+        tx.send(grant(Duration::from_secs(60))).unwrap();
         let r = fencer.fence("coordinator: region isolated").await.unwrap();
         assert!(r.was_running);
         assert!(

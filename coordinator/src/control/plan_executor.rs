@@ -176,9 +176,15 @@ impl PlanExecutor {
                             candidate: c.host,
                             estimated_loss_bytes: loss,
                             reason: format!(
-                                "most advanced connected replica in {} (replay_lsn {})",
+                                "most advanced connected replica in {} (replay_lsn {}){}",
                                 op.to_region,
-                                c.replay_lsn.map_or("unknown".into(), lsn_string)
+                                c.replay_lsn.map_or("unknown".into(), lsn_string),
+                                if primary_lsn.is_none() {
+                                    "; the old primary's last LSN is unknown to this leader \
+                                     (it never heard from it), so the data loss is not estimated"
+                                } else {
+                                    ""
+                                }
                             ),
                         }
                     }

@@ -483,6 +483,79 @@ mod tests {
     use super::*;
 
     #[test]
+    fn region_latency_applies_between_regions_unless_a_rule_says_otherwise() {
+        let net = FaultNet::new();
+        net.register_node("a1", "beijing");
+        net.register_node("a2", "beijing");
+        net.register_node("b1", "shanghai");
+        let d = Duration::from_millis(15);
+        assert_eq!(net.link_mode("a1", "b1"), LinkMode::Forward);
+        net.set_region_latency(Some(d));
+        assert_eq!(net.link_mode("a1", "b1"), LinkMode::Delay(d));
+        assert_eq!(net.link_mode("b1", "a1"), LinkMode::Delay(d));
+        assert_eq!(net.link_mode("a1", "a2"), LinkMode::Forward);
+        assert_eq!(net.link_mode(CLIENT, "a1"), LinkMode::Forward);
+        net.cut_region("beijing");
+        assert_eq!(net.link_mode("a1", "b1"), LinkMode::Cut);
+        net.heal();
+        assert_eq!(
+            net.link_mode("a1", "b1"),
+            LinkMode::Delay(d),
+            "heal keeps the distance"
+        );
+        net.set_region_latency(None);
+        assert_eq!(net.link_mode("a1", "b1"), LinkMode::Forward);
+    }
+
+    /// A delayed link delays both directions of a proxied connection (an echo comes back
+    /// after at least a round trip) and still delivers every byte in order.
+    #[tokio::test]
+    async fn delay_applies_to_both_directions() {
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = echo.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let mut net = FaultNet::new();
+        let proxy = net.add_proxy_as("dst", "src", target).await.unwrap();
+        net.register_node("dst", "beijing");
+        net.register_node("src", "shanghai");
+        net.set_region_latency(Some(Duration::from_millis(100)));
+        let mut c = TcpStream::connect(proxy).await.unwrap();
+        let started = tokio::time::Instant::now();
+        for _ in 0..20 {
+            c.write_all(b"x").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        let first = loop {
+            let n = c.read(&mut buf).await.unwrap();
+            if n > 0 {
+                got.extend_from_slice(&buf[..n]);
+                break started.elapsed();
+            }
+        };
+        while got.len() < 20 {
+            let n = c.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(first >= Duration::from_millis(200), "echo after {first:?}");
+        assert_eq!(got, vec![b'x'; 20]);
+    }
+
+    #[test]
     fn parses_proc_net_tcp() {
         let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 0100007F:A1B2 01 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 20 4 30 10 -1\n";
         assert_eq!(socket_inode(table, 0x1F90, 0xA1B2), Some(4242));

@@ -12,4 +12,5 @@ mod t30_region_cut;
 mod t40_agent_cut;
 mod t50_leader_kill_steps;
 mod t60_two_region;
+mod t70_lag_force;
 mod t80_failback;
