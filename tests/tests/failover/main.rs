@@ -2,7 +2,10 @@
 //!
 //! t10 needs only coordinators and agents (topology, plans, refusals). t20 is the planned
 //! switchover with real PostgreSQL 15 (primary + streaming replica, `pg_pair`) and a writer.
-//! Still to come: region cut, leader killed at each step, traffic through nginx/DNS.
+//! t30..t70 are the failures (shared fixture in `t30_region_cut`: PostgreSQL pair with
+//! replication through the fault layer, 15 ms each way between regions, a writer logging
+//! which server acknowledged what and when): region cut, primary agent cut, leader killed at
+//! each plan step, two regions without a witness, candidate lag above the RPO + `--force`.
 
 mod pg_pair;
 mod t10_topology;
