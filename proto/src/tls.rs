@@ -503,6 +503,8 @@ impl ServerTls {
             );
         }
         if self.guard.revoked.load().contains(&fingerprint) {
+            // Not a port scan: someone holds a certificate we revoked. Worth a log line.
+            warn!(peer = %peer, identity = %id, sha256 = %&fingerprint[..16], "refused a revoked certificate");
             return refuse(
                 Some(id.to_string()),
                 format!(

@@ -192,7 +192,7 @@ async fn t30_isolate_through_drctl_keeps_the_session_and_restores_exactly() -> R
         panic!("nftables is not installed on this machine: apt-get install -y nftables");
     }
     let ns = Netns::create();
-    let mut cluster = TestCluster::builder().coordinators(1).start().await?;
+    let cluster = TestCluster::builder().coordinators(1).start().await?;
 
     // --- the coordinator also answers to the peer address (re-issued, reloaded live)
     cluster
@@ -327,6 +327,6 @@ async fn t30_isolate_through_drctl_keeps_the_session_and_restores_exactly() -> R
     );
 
     agent.stop().await?;
-    cluster.stop_all().await?;
+    cluster.shutdown().await?;
     Ok(())
 }

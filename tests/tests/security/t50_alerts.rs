@@ -36,7 +36,7 @@ async fn t50_monitoring_level_integrity_and_refused_handshake_alerts() -> Result
         "\n[integrity]\npaths = [{:?}]\ninterval = \"1h\"\nhigh_interval = \"1s\"\n",
         watched.display().to_string()
     );
-    let mut cluster = TestCluster::builder()
+    let cluster = TestCluster::builder()
         .coordinators(1)
         .agent(agent)
         .start()
@@ -159,6 +159,6 @@ async fn t50_monitoring_level_integrity_and_refused_handshake_alerts() -> Result
         .count();
     assert_eq!(hits, 2, "one audit entry per alert:\n{audit}");
 
-    cluster.stop_all().await?;
+    cluster.shutdown().await?;
     Ok(())
 }
