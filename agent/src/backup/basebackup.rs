@@ -7,8 +7,9 @@
 //!   | select pg_backup_start(label, fast)  -> start LSN (after a checkpoint)
 //!   | walk + chunk + upload the data directory (the server keeps writing; WAL replay
 //!   |   from the start LSN repairs torn or stale pages on restore)
-//!   | select pg_backup_stop(true)          -> stop LSN, backup_label, tablespace_map
-//!   |                                         (true: waits until the WAL is archived)
+//!   | select pg_backup_stop(false)         -> stop LSN, backup_label, tablespace_map
+//!   | poll pg_wal/archive_status every 20 ms until the stop segment is archived (the
+//!   |   server's own wait polls once a second)
 //!   | write the manifest (the backup exists from this moment)
 //! ```
 //! Incremental: a file whose (size, mtime) equal the parent manifest's entry is not read; its
@@ -117,10 +118,21 @@ pub async fn run_backup(
             }
         };
 
+        // Whether the server waits for archiving (PostgreSQL's own rule in pg_backup_stop),
+        // and its segment size, asked before the stop while the session is open.
+        let (archiving, seg_size): (bool, i64) = sqlx::query_as(
+            "select case when pg_is_in_recovery() then current_setting('archive_mode') = 'always' \
+             else current_setting('archive_mode') <> 'off' end, \
+             (select setting::bigint from pg_settings where name = 'wal_segment_size')",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        // wait_for_archive = false: the server would poll once a second (about half a
+        // second lost per backup on average); we poll the same status files every 20 ms.
         let stop_sql = if version >= 150000 {
-            "select lsn::text, labelfile, spcmapfile from pg_backup_stop(true)"
+            "select lsn::text, labelfile, spcmapfile from pg_backup_stop(false)"
         } else {
-            "select lsn::text, labelfile, spcmapfile from pg_stop_backup(false, true)"
+            "select lsn::text, labelfile, spcmapfile from pg_stop_backup(false, false)"
         };
         let (stop_lsn, backup_label, spcmap): (String, String, Option<String>) =
             sqlx::query_as(stop_sql).fetch_one(&mut conn).await?;
@@ -129,6 +141,13 @@ pub async fn run_backup(
         }
         let stop_lsn: Lsn = stop_lsn.parse().map_err(BackupError::Invalid)?;
         let timeline = parse_timeline(&backup_label)?;
+        if archiving {
+            let seg_size = u64::try_from(seg_size)
+                .ok()
+                .filter(|s| *s > 0)
+                .ok_or_else(|| BackupError::Invalid(format!("wal_segment_size {seg_size}")))?;
+            wait_archived(&opts.data_dir, timeline, stop_lsn, seg_size, cancel).await?;
+        }
         if cancel.is_cancelled() {
             return Err(BackupError::Cancelled);
         }
@@ -166,6 +185,47 @@ pub async fn run_backup(
     }
     .instrument(span)
     .await
+}
+
+/// Wait until the segment holding the backup's last WAL record is archived, exactly as
+/// pg_backup_stop(wait_for_archive => true) decides it (XLogArchiveIsBusy): `.done` means
+/// archived; `.ready`, or no status file while the segment is still in pg_wal, means not yet.
+async fn wait_archived(
+    data_dir: &std::path::Path,
+    timeline: u32,
+    stop_lsn: Lsn,
+    seg_size: u64,
+    cancel: &CancellationToken,
+) -> BackupResult<()> {
+    let seg = stop_lsn.0.saturating_sub(1) / seg_size;
+    let per_log = 0x1_0000_0000 / seg_size;
+    let name = format!("{timeline:08X}{:08X}{:08X}", seg / per_log, seg % per_log);
+    let wal = data_dir.join("pg_wal");
+    let status = wal.join("archive_status");
+    let exists =
+        |p: std::path::PathBuf| async move { tokio::fs::try_exists(p).await.unwrap_or(false) };
+    let started = std::time::Instant::now();
+    let mut next_warning = std::time::Duration::from_secs(60);
+    loop {
+        if exists(status.join(format!("{name}.done"))).await {
+            return Ok(());
+        }
+        let busy = exists(status.join(format!("{name}.ready"))).await
+            || (!exists(status.join(format!("{name}.done"))).await
+                && exists(wal.join(&name)).await);
+        if !busy {
+            return Ok(());
+        }
+        if cancel.is_cancelled() {
+            return Err(BackupError::Cancelled);
+        }
+        if started.elapsed() > next_warning {
+            warn!(segment = %name, waited_s = started.elapsed().as_secs(),
+                "still waiting for archive_command to archive the backup's last WAL segment; check the server log");
+            next_warning += std::time::Duration::from_secs(60);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// `START TIMELINE: 1` from a backup_label.

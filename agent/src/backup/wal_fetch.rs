@@ -9,14 +9,17 @@
 //! is configured, every call makes sure a *background* prefetcher is filling the spool with
 //! the next `wal_prefetch` segments (verified, temp name + rename, so a half-written spool file
 //! is never used), and returns at once: a hit is a rename; a miss (replay start, or replay
-//! overtook the prefetcher) fetches the requested segment and the window together. The prefetcher is this same program started detached with
-//! `DR_WAL_PREFETCH=1` (one at a time: `flock` on `<spool>/.prefetch.lock`); it fetches the
-//! window ahead of the segment it was started for, `concurrency` at a time, stops at the end
-//! of the archive and exits, so nothing outlives the recovery by more than one window and the
-//! spool never holds more than the window (bounded cache). Spool files older than the
-//! requested one are removed. Next-segment names assume 16 MiB segments; another size only
-//! costs misses. Spooled content is what the archive holds under that name, and an archived
-//! name never changes content (wal-push refuses that), so a spool file is never stale.
+//! overtook the prefetcher) fetches the requested segment and the window together.
+//!
+//! The prefetcher is this same program started detached with `DR_WAL_PREFETCH=1` (one at a
+//! time: `flock` on `<spool>/.prefetch.lock`). Every wal-fetch writes the segment replay asked
+//! for to `<spool>/.position`; the prefetcher keeps the `wal_prefetch` segments after it
+//! spooled, `concurrency` at a time, and exits at the end of the archive or after 5 s without
+//! progress, so it never outlives a recovery by more than that, and the spool never holds more
+//! than the window (bounded cache). Spool files older than the requested one are removed.
+//! Next-segment names assume 16 MiB segments; another size only costs misses. Spooled content
+//! is what the archive holds under that name, and an archived name never changes content
+//! (wal-push refuses that), so a spool file is never stale.
 
 use std::path::{Path, PathBuf};
 
@@ -30,6 +33,10 @@ use super::{BackupError, BackupResult, blocking};
 /// Environment variable that turns a `wal-fetch` process into the background prefetcher.
 pub const PREFETCH_ENV: &str = "DR_WAL_PREFETCH";
 const LOCK_FILE: &str = ".prefetch.lock";
+const POSITION_FILE: &str = ".position";
+/// The prefetcher exits after this long without replay progress.
+const IDLE_EXIT: std::time::Duration = std::time::Duration::from_secs(5);
+const POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Fetch one WAL file into `dest`. Returns false when the archive has no such file.
 pub async fn wal_fetch(repo: &Repository, file_name: &str, dest: &Path) -> BackupResult<bool> {
@@ -60,6 +67,7 @@ pub async fn wal_fetch(repo: &Repository, file_name: &str, dest: &Path) -> Backu
                 true
             }
         };
+        record_position(spool, file_name);
         if hit {
             debug!(wal = file_name, "served from the prefetch spool");
             kick_prefetcher(spool, &window);
@@ -75,16 +83,29 @@ pub async fn wal_fetch(repo: &Repository, file_name: &str, dest: &Path) -> Backu
             warn!(error = %e, "wal prefetch failed; replay continues without it");
         }
         clean_spool(spool, file_name).await;
+        kick_prefetcher(spool, &window);
         return found;
     }
     fetch_to(repo, &name, dest).await
 }
 
-/// Start the background prefetcher unless at least half the window is spooled or one is
-/// running (so one process start fetches about half a window, not one segment per call).
+/// Tell the prefetcher where replay is (temp file + rename: it never reads half a name).
+fn record_position(spool: &Path, file_name: &str) {
+    if next_segments(file_name, 1).is_none() {
+        return;
+    }
+    let tmp = spool.join(format!("{POSITION_FILE}.{}", std::process::id()));
+    let r = std::fs::write(&tmp, file_name)
+        .and_then(|()| std::fs::rename(&tmp, spool.join(POSITION_FILE)));
+    if let Err(e) = r {
+        debug!(error = %e, "recording the replay position for the prefetcher");
+        let _ignored = std::fs::remove_file(&tmp);
+    }
+}
+
+/// Start the background prefetcher unless the window is spooled or one is running.
 fn kick_prefetcher(spool: &Path, window: &[String]) {
-    let present = window.iter().filter(|n| spool.join(n).exists()).count();
-    if window.is_empty() || present * 2 >= window.len().max(2) {
+    if window.is_empty() || window.iter().all(|n| spool.join(n).exists()) {
         return;
     }
     if let Err(e) = std::fs::create_dir_all(spool) {
@@ -134,7 +155,11 @@ fn try_lock(spool: &Path) -> std::io::Result<Option<nix::fcntl::Flock<std::fs::F
     }
 }
 
-/// The prefetcher's work: fill the window ahead of `current`, then exit.
+/// The prefetcher's work: keep the window ahead of replay full. Replay's position comes from
+/// `<spool>/.position` (written by every wal-fetch); the loop ends at the end of the archive
+/// (a segment not found: the next wal-fetch starts a new prefetcher if more WAL arrives), or
+/// after [`IDLE_EXIT`] without progress (replay finished or stopped), so it never outlives a
+/// recovery by more than that.
 async fn prefetch_window(repo: &Repository, spool: &Path, current: &str, window: &[String]) {
     let lock = match try_lock(spool) {
         Ok(Some(l)) => l,
@@ -144,10 +169,41 @@ async fn prefetch_window(repo: &Repository, spool: &Path, current: &str, window:
             return;
         }
     };
-    if let Err(e) = prefetch_into(repo, spool, window).await {
-        warn!(error = %e, "wal prefetch failed; replay continues without it");
+    let n = window.len();
+    let mut pos = current.to_string();
+    let mut window = window.to_vec();
+    let mut last_progress = std::time::Instant::now();
+    loop {
+        let missing: Vec<String> = window
+            .iter()
+            .filter(|w| !spool.join(w).exists())
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            match prefetch_into(repo, spool, &missing).await {
+                Ok(true) => {}
+                Ok(false) => break, // end of the archive
+                Err(e) => {
+                    warn!(error = %e, "wal prefetch failed; replay continues without it");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(POLL).await;
+        let newer = std::fs::read_to_string(spool.join(POSITION_FILE))
+            .ok()
+            .filter(|p| p.len() == 24 && p[..8] == pos[..8] && **p > *pos);
+        match newer.and_then(|p| next_segments(&p, n).map(|w| (p, w))) {
+            Some((p, w)) => {
+                clean_spool(spool, &p).await;
+                pos = p;
+                window = w;
+                last_progress = std::time::Instant::now();
+            }
+            None if last_progress.elapsed() > IDLE_EXIT => break,
+            None => {}
+        }
     }
-    clean_spool(spool, current).await;
     drop(lock);
 }
 
@@ -167,30 +223,36 @@ async fn fetch_to(repo: &Repository, name: &str, dest: &Path) -> BackupResult<bo
     Ok(true)
 }
 
-async fn prefetch_into(repo: &Repository, spool: &Path, names: &[String]) -> BackupResult<()> {
+/// Fetch `names` into the spool, `concurrency` at a time. Ok(false) if any is not archived.
+async fn prefetch_into(repo: &Repository, spool: &Path, names: &[String]) -> BackupResult<bool> {
     tokio::fs::create_dir_all(spool)
         .await
         .map_err(|e| BackupError::io(format!("create spool {}", spool.display()), e))?;
-    let results: Vec<BackupResult<()>> = futures::stream::iter(names.iter())
+    let results: Vec<BackupResult<bool>> = futures::stream::iter(names.iter())
         .map(|n| async move {
             let target = spool.join(n);
             if tokio::fs::try_exists(&target).await.unwrap_or(false) {
-                return Ok(());
+                return Ok(true);
             }
             // Per-process temp name: a foreground miss and the background prefetcher may
             // fetch the same segment at once.
             let tmp = spool.join(format!("{n}.{}.tmp", std::process::id()));
-            if fetch_to(repo, &wal_object_name(n)?, &tmp).await? {
-                tokio::fs::rename(&tmp, &target)
-                    .await
-                    .map_err(|e| BackupError::io(format!("rename {}", tmp.display()), e))?;
+            if !fetch_to(repo, &wal_object_name(n)?, &tmp).await? {
+                return Ok(false);
             }
-            Ok(())
+            tokio::fs::rename(&tmp, &target)
+                .await
+                .map_err(|e| BackupError::io(format!("rename {}", tmp.display()), e))?;
+            Ok(true)
         })
         .buffer_unordered(repo.config().concurrency)
         .collect()
         .await;
-    results.into_iter().collect()
+    let mut all = true;
+    for r in results {
+        all &= r?;
+    }
+    Ok(all)
 }
 
 /// Remove spool files that sort before `current` (already replayed or skipped).
