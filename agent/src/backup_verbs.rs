@@ -203,7 +203,8 @@ async fn run(env: Env, args: HashMap<String, String>, ctx: ActionCtx) -> ActionO
             Err(e) => {
                 warn!(error = %e, "backup failed");
                 ActionOutput::failed(format!(
-                    "backup failed, nothing was recorded (chunks already uploaded are removed by the next prune): {e}"
+                    "backup failed, nothing was recorded (chunks already uploaded are removed by the next prune): {e}{}",
+                hint(&e)
                 ))
             }
         }
@@ -601,6 +602,16 @@ async fn archive_lag(url: &str, max_lag_secs: Option<f64>) -> Result<ArchiveLag,
     })
 }
 
+/// What to do about an error, when we know: a full location is the common one.
+fn hint(e: &BackupError) -> &'static str {
+    let t = e.to_string();
+    if t.contains("No space left on device") || t.contains("no storage space") {
+        " -- the repository location is full: free or add space there (chunks of this failed backup are removed by the next prune after its grace period); earlier backups are intact"
+    } else {
+        ""
+    }
+}
+
 /// Reports (message, done, total) every 500 ms until dropped: the work counts bytes in
 /// atomics and never blocks on the progress channel.
 struct Ticker {
@@ -743,7 +754,8 @@ async fn run_logical(env: &Env, args: &HashMap<String, String>, ctx: &ActionCtx)
         Err(e) => {
             warn!(error = %e, "logical backup failed");
             ActionOutput::failed(format!(
-                "logical backup failed, nothing was recorded (chunks already uploaded are removed by the next prune): {e}"
+                "logical backup failed, nothing was recorded (chunks already uploaded are removed by the next prune): {e}{}",
+                hint(&e)
             ))
         }
     }
@@ -794,8 +806,9 @@ async fn run_files_verb(
         Err(e) => {
             warn!(error = %e, "file set backup failed");
             ActionOutput::failed(format!(
-                "file set backup of {} failed, nothing was recorded (chunks already uploaded are removed by the next prune): {e}",
-                opts.name
+                "file set backup of {} failed, nothing was recorded (chunks already uploaded are removed by the next prune): {e}{}",
+                opts.name,
+                hint(&e)
             ))
         }
     }

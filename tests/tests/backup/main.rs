@@ -3,3 +3,4 @@
 //! archive_command is `dr-agent wal-push`, an fs repository, and `drctl backup ...`.
 
 mod t10_catalog;
+mod t20_logical_files;
