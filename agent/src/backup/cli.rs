@@ -61,7 +61,7 @@ pub enum Command {
     #[command(subcommand)]
     Backup(BackupCmd),
     /// Restore a backup into an empty directory.
-    Restore(RestoreArgs),
+    Restore(Box<RestoreArgs>),
     /// Restore a logical backup with pg_restore --clean --if-exists (one transaction).
     RestoreLogical(Box<RestoreLogicalArgs>),
     /// Restore a file-set backup below a directory (`/` = in place); --dry-run lists.

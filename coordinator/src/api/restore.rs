@@ -27,7 +27,7 @@ use super::backup::{issue, write};
 use super::error::{ApiError, ApiResult};
 use super::now_unix_ms;
 use crate::Ctx;
-use crate::state::catalog::{BackupEntry, BackupPolicy};
+use crate::state::catalog::{BackupEntry, BackupPolicy, Kind};
 use crate::state::commands::CommandState;
 use crate::state::operations::restore::{
     self as plan, ChainPlan, RestoreParams, RestoreTarget, WalArchive, parse_lsn,
@@ -190,6 +190,14 @@ pub(crate) async fn build_restore(
     kind: OpKind,
 ) -> ApiResult<(NewOperation, pb::RestorePlan)> {
     let policy = policy(ctx)?;
+    if r.target_type == "backup" {
+        let entry = ctx
+            .node
+            .read(|s| s.catalog.backups.get(r.target_value.trim()).cloned());
+        if let Some(b) = entry.filter(|b| matches!(b.kind, Kind::Logical | Kind::Files)) {
+            return build_other(ctx, r, &policy, &b);
+        }
+    }
     let db = policy.database(&r.db).cloned().ok_or_else(|| {
         let known: Vec<&str> = policy.databases.iter().map(|d| d.name.as_str()).collect();
         ApiError::NotFound(format!(
@@ -362,6 +370,123 @@ pub(crate) async fn build_restore(
     Ok((op, info))
 }
 
+/// A logical or file-set backup named with `--backup ID`: dispatched to the agent verbs
+/// `restore.logical` (pg_restore --clean --if-exists into `--to-host`'s server, the policy's
+/// `pg_url` and `dump_dbname`) or `restore.files` (below `--data-dir`, `/` = in place;
+/// `--dry-run` lists what would be written, on the agent, as an operation that writes
+/// nothing).
+fn build_other(
+    ctx: &Ctx,
+    r: &pb::StartRestoreRequest,
+    policy: &BackupPolicy,
+    b: &BackupEntry,
+) -> ApiResult<(NewOperation, pb::RestorePlan)> {
+    let loc_name = if r.location.is_empty() {
+        b.locations.keys().next().cloned().unwrap_or_default()
+    } else {
+        r.location.clone()
+    };
+    let location = policy.location(&loc_name).cloned().ok_or_else(|| {
+        ApiError::FailedPrecondition(format!(
+            "backup {} has no location {loc_name:?} in the policy",
+            b.id
+        ))
+    })?;
+    let host = if r.to_host.is_empty() {
+        b.host_id.clone()
+    } else {
+        r.to_host.clone()
+    };
+    let to_region = ctx
+        .node
+        .read(|s| s.hosts.get(&host).map(|h| h.region.clone()))
+        .ok_or_else(|| {
+            ApiError::FailedPrecondition(format!(
+                "host {host} is not known to the cluster (has its agent ever connected?)"
+            ))
+        })?;
+    let (verb, step, args, what, dest) = match b.kind {
+        Kind::Logical => {
+            let db = policy.database(&b.db).ok_or_else(|| {
+                ApiError::FailedPrecondition(format!(
+                    "database {} of logical backup {} is no longer in the policy",
+                    b.db, b.id
+                ))
+            })?;
+            let mut args = vec![
+                ("repo_config", location.repo_config.clone()),
+                ("backup_id", b.id.clone()),
+                ("pg_url", db.pg_url.clone()),
+            ];
+            if !db.dump_dbname.is_empty() {
+                args.push(("dbname", db.dump_dbname.clone()));
+            }
+            (
+                "restore.logical",
+                "restore_logical",
+                args,
+                "logical restore (pg_restore --clean --if-exists)",
+                db.pg_url.clone(),
+            )
+        }
+        _ => {
+            if r.data_dir.is_empty() || !r.data_dir.starts_with('/') {
+                return Err(ApiError::InvalidArgument(format!(
+                    "file-set backup {}: name the absolute directory to restore below with --data-dir (`/` puts the files back in place)",
+                    b.id
+                )));
+            }
+            (
+                "restore.files",
+                "restore_file_set",
+                vec![
+                    ("repo_config", location.repo_config.clone()),
+                    ("backup_id", b.id.clone()),
+                    ("target", r.data_dir.clone()),
+                    ("dry_run", r.dry_run.to_string()),
+                ],
+                if r.dry_run {
+                    "file-set restore, dry run (lists what would be written)"
+                } else {
+                    "file-set restore"
+                },
+                r.data_dir.clone(),
+            )
+        }
+    };
+    let steps = plan::other_steps(&host, verb, step, args);
+    let mut vars = BTreeMap::new();
+    vars.insert("backup_id".into(), b.id.clone());
+    vars.insert("target".into(), format!("backup {}", b.id));
+    let op = NewOperation {
+        kind: OpKind::Restore,
+        cluster: format!("restore:{}", b.db),
+        from_region: String::new(),
+        to_region: to_region.clone(),
+        reason: format!("{what} of {} from backup {} on {host}", b.db, b.id),
+        request_id: r.request_id.clone(),
+        vars,
+        steps,
+        needs_operator: None,
+    };
+    let info = pb::RestorePlan {
+        backup_id: b.id.clone(),
+        backup_kind: b.kind.as_str().to_owned(),
+        target_type: "backup".into(),
+        target_value: b.id.clone(),
+        wal_required: String::new(),
+        lines: vec![format!(
+            "{what}: backup {} ({}) on {host} into {dest}",
+            b.id,
+            b.kind.as_str()
+        )],
+        to_host: host,
+        to_region,
+        data_dir: r.data_dir.clone(),
+    };
+    Ok((op, info))
+}
+
 async fn commit(ctx: &Ctx, origin: &str, op: NewOperation) -> ApiResult<pb::OperationInfo> {
     let request_id = op.request_id.clone();
     match write(
@@ -411,7 +536,8 @@ impl pb::restore_service_server::RestoreService for RestoreApi {
         r.request_id = request_id(&r.request_id);
         let origin = caller.to_string();
         let (op, plan) = build_restore(&self.ctx, &origin, &r, OpKind::Restore).await?;
-        if r.dry_run {
+        let listing = op.steps.iter().any(|s| s.name == "restore_file_set");
+        if r.dry_run && !listing {
             return Ok(Response::new(pb::StartRestoreResponse {
                 plan: Some(plan),
                 operation: None,

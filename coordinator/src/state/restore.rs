@@ -71,14 +71,12 @@ impl WalArchive {
     /// `(parent timeline, switch LSN)` of `tl`, from its history file's last line.
     fn parent_of(&self, tl: u32) -> Option<(u32, u64)> {
         let text = self.histories.get(&tl)?;
-        text.lines()
-            .filter_map(|l| {
-                let mut it = l.split_whitespace();
-                let parent: u32 = it.next()?.parse().ok()?;
-                let lsn = parse_lsn(it.next()?)?;
-                Some((parent, lsn))
-            })
-            .last()
+        text.lines().rev().find_map(|l| {
+            let mut it = l.split_whitespace();
+            let parent: u32 = it.next()?.parse().ok()?;
+            let lsn = parse_lsn(it.next()?)?;
+            Some((parent, lsn))
+        })
     }
 }
 
@@ -714,6 +712,22 @@ pub fn steps(plan: &ChainPlan, p: &RestoreParams) -> Vec<StepSpec> {
     v
 }
 
+/// Steps of a logical (`pg_restore --clean --if-exists`) or file-set restore: the BACKUP
+/// helper's agent verbs `restore.logical` / `restore.files` (docs/dev/team-contracts.md),
+/// then `record`. `args` are that verb's arguments.
+pub fn other_steps(
+    host: &str,
+    verb: &str,
+    step_name: &str,
+    args: Vec<(&str, String)>,
+) -> Vec<StepSpec> {
+    vec![
+        agent_step(step_name, host, generic(verb, args), 6 * 3600, false),
+        record_step("record", false),
+        record_step("record_failure", true),
+    ]
+}
+
 fn step<'a>(op: &'a Operation, name: &str) -> Option<&'a super::Step> {
     op.steps.iter().find(|s| s.spec.name == name)
 }
@@ -756,11 +770,25 @@ pub fn results(op: &Operation, at: i64) -> BTreeMap<String, String> {
         match verified {
             Some(StepState::Done) => "passed",
             Some(StepState::Failed) => "failed",
+            _ if step(op, "verify").is_none() => "not applicable",
             _ => "not run",
         }
         .into(),
     );
-    let ok = verified == Some(StepState::Done) && !op.compensating;
+    // Logical and file-set restores have no verify step: they succeed when nothing failed.
+    let has_verify = step(op, "verify").is_some();
+    let ok = (!has_verify || verified == Some(StepState::Done)) && !op.compensating;
+    for (var, key) in [
+        ("restore_logical.dbname", "dbname"),
+        ("restore_logical.bytes", "bytes_restored"),
+        ("restore_file_set.files", "files"),
+        ("restore_file_set.bytes", "bytes_restored"),
+        ("restore_file_set.unchanged", "unchanged"),
+    ] {
+        if let Some(v) = op.vars.get(var).filter(|v| !v.is_empty()) {
+            r.insert(key.into(), v.clone());
+        }
+    }
     if op.kind == super::OpKind::Drill {
         r.insert("criterion_ms".into(), DRILL_CRITERION_MS.to_string());
         let pass = ok && u64::try_from(duration).unwrap_or(u64::MAX) <= DRILL_CRITERION_MS;
@@ -910,7 +938,7 @@ mod tests {
         let b1 = b("b1", "0/2000028", "0/2000100", 1000);
         let mut a = archive(vec![run(1, 2, 5, 1100, 5000), run(2, 4, 8, 4000, 8000)]);
         a.histories
-            .insert(2, "1\t0/4000A0\tno recovery target specified\n".into());
+            .insert(2, "1\t0/40000A0\tno recovery target specified\n".into());
         let p = plan(&[&b1], &a, &RestoreTarget::Latest, None, None).unwrap();
         assert_eq!(p.wal_required(), "1:2-3;2:4-8");
         // Restoring onto the earlier timeline stays on it.
