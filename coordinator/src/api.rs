@@ -12,6 +12,7 @@ pub mod error;
 pub mod operations;
 pub mod restore;
 pub mod response;
+pub mod security;
 
 /// Milliseconds since the Unix epoch from the system clock. Only proposers call this: the
 /// state machine gets time from the request, never from a clock.

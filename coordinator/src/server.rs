@@ -154,6 +154,14 @@ async fn run_inner(
             ),
         )
         .add_service(
+            dr_proto::pb::approval_service_server::ApprovalServiceServer::new(
+                crate::api::security::ApprovalApi::new(ctx.clone()),
+            ),
+        )
+        .add_service(dr_proto::pb::audit_service_server::AuditServiceServer::new(
+            crate::api::security::AuditApi::new(ctx.clone()),
+        ))
+        .add_service(
             dr_proto::pb::restore_service_server::RestoreServiceServer::new(
                 crate::api::restore::RestoreApi::new(ctx.clone()),
             ),

@@ -20,6 +20,7 @@
 //! ```
 
 mod apply;
+pub mod approvals;
 pub mod audit;
 pub mod catalog;
 pub mod commands;
@@ -93,6 +94,8 @@ pub enum Command {
     Backup(catalog::BackupCommand),
     /// Topology, database-cluster epochs and durable plans (see [`operations`]).
     Ops(operations::OpsCommand),
+    /// Two-person approvals: policy, requests, decisions (see [`approvals`]).
+    Approvals(approvals::ApprovalCommand),
     /// Several requests committed as one entry by the leader's group commit
     /// (`raft/batcher.rs`); each is applied and audited as if it had its own entry.
     Batch { requests: Vec<Request> },
@@ -114,6 +117,7 @@ impl Command {
             Command::ExpireCommands { .. } => "expire_commands",
             Command::Backup(_) => "backup",
             Command::Ops(o) => o.name(),
+            Command::Approvals(a) => a.name(),
             Command::Batch { .. } => "batch",
             Command::Security(s) => s.name(),
         }
@@ -188,6 +192,9 @@ pub struct State {
     /// Topology, primaries and epochs, operations; `default` so older snapshots load.
     #[serde(default)]
     pub ops: operations::OpsState,
+    /// Approval policy and requests; `default` so older snapshots load.
+    #[serde(default)]
+    pub approvals: approvals::ApprovalBook,
     /// Security response; `default` so older snapshots load.
     #[serde(default)]
     pub security: security::SecurityState,

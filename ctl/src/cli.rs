@@ -108,6 +108,14 @@ pub enum Command {
     /// Durable operations (failovers, switchovers) and their steps.
     #[command(subcommand)]
     Operations(crate::cmd::operations::OperationsCmd),
+    /// Approve another operator's pending request (admin; runs it as the requester).
+    Approve(crate::cmd::approve::ApproveArgs),
+    /// Two-person approvals: pending requests, rejection, and the policy.
+    #[command(subcommand)]
+    Approvals(crate::cmd::approvals::ApprovalsCmd),
+    /// The hash-chained audit log: list, export, verify.
+    #[command(subcommand)]
+    Audit(crate::cmd::audit::AuditCmd),
     /// Restore a database: latest, a backup, or a point in time; onto a host or in place.
     Restore(crate::cmd::restore::RestoreArgs),
     /// Restore drills (backup-restore): run one now, list past ones.

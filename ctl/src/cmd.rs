@@ -10,6 +10,9 @@ use crate::client::Client;
 use crate::config;
 
 pub mod agents;
+pub mod approvals;
+pub mod approve;
+pub mod audit;
 pub mod backup;
 pub mod cert;
 pub mod cluster;
@@ -50,6 +53,9 @@ pub async fn dispatch(cli: Cli, env: &HashMap<String, String>) -> anyhow::Result
         Command::Topology(c) => topology::run(&connect()?, c, format).await,
         Command::Failover(a) => failover::run(&connect()?, a, format).await,
         Command::Operations(c) => operations::run(&connect()?, c, format).await,
+        Command::Approve(a) => approve::run(&connect()?, a, format).await,
+        Command::Approvals(c) => approvals::run(&connect()?, c, format).await,
+        Command::Audit(c) => audit::run(&connect()?, c, format).await,
         Command::Restore(a) => restore::run(&connect()?, a, format).await,
         Command::Drill(c) => drill::run(&connect()?, c, format).await,
         Command::Commands(c) => commands::run(&connect()?, c, format).await,

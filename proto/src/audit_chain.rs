@@ -94,6 +94,8 @@ pub enum Problem {
     Conflict { seq: u64, position: usize },
     /// An entry without a hash after chained entries (hashes stripped to hide an edit).
     Unchained { seq: u64, position: usize },
+    /// A line of a JSON-lines file that is not an entry.
+    Unreadable { position: usize, error: String },
     /// An anchor (a `seq:hash` recorded elsewhere) does not match, or its entry is absent.
     AnchorMismatch {
         seq: u64,
@@ -138,6 +140,9 @@ impl fmt::Display for Problem {
                 f,
                 "entry seq {seq} (position {position}) has NO HASH although earlier entries are chained"
             ),
+            Problem::Unreadable { position, error } => {
+                write!(f, "line {position} is not an audit entry: {error}")
+            }
             Problem::AnchorMismatch {
                 seq,
                 expected,
@@ -306,6 +311,27 @@ pub fn verify(entries: &[AuditEntry], opts: &VerifyOptions) -> Report {
         }
     }
     report
+}
+
+/// Parses JSON lines (an export or a node's archive): the entries, and one
+/// [`Problem::Unreadable`] per line that is not an entry (empty lines are skipped).
+/// `first_line` numbers the lines (1 for a whole file).
+pub fn parse_jsonl(text: &str, first_line: usize) -> (Vec<AuditEntry>, Vec<Problem>) {
+    let mut entries = Vec::new();
+    let mut problems = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<AuditEntry>(line) {
+            Ok(e) => entries.push(e),
+            Err(e) => problems.push(Problem::Unreadable {
+                position: first_line + i,
+                error: e.to_string(),
+            }),
+        }
+    }
+    (entries, problems)
 }
 
 /// Parses an anchor written as `SEQ:HASH`.
@@ -537,6 +563,23 @@ mod tests {
                 to_seq: 2
             }]
         );
+    }
+
+    #[test]
+    fn t45_jsonl() {
+        let list = entries(2);
+        let mut text = String::new();
+        for e in &list {
+            text.push_str(&serde_json::to_string(e).unwrap());
+            text.push('\n');
+        }
+        text.push_str("{not json\n\n");
+        let (got, problems) = parse_jsonl(&text, 1);
+        assert_eq!(got, list);
+        assert!(matches!(
+            problems.as_slice(),
+            [Problem::Unreadable { position: 3, .. }]
+        ));
     }
 
     #[test]

@@ -240,6 +240,18 @@ impl OperationsApi {
     }
 }
 
+/// Approvals launcher (see `api::security::build_launch`): the operation a stored
+/// StartFailover request asks for, planned now (the facts may have changed since it was
+/// requested), as the command StartFailover would commit.
+pub(crate) fn build_failover_launch(ctx: &Arc<Ctx>, payload_json: &str) -> ApiResult<Command> {
+    let req: pb::StartFailoverRequest = serde_json::from_str(payload_json).map_err(|e| {
+        ApiError::InvalidArgument(format!("the stored failover request is unreadable: {e}"))
+    })?;
+    let api = OperationsApi { ctx: ctx.clone() };
+    let (op, _loss, _warnings) = api.plan(&req, &req.request_id)?;
+    Ok(Command::Ops(OpsCommand::CreateOperation { op }))
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::OperationInfo, Status>> + Send>>;
 
 /// Shows a planned (not yet committed) operation the way drctl shows committed ones.
@@ -384,6 +396,18 @@ impl pb::operations_service_server::OperationsService for OperationsApi {
                 warnings,
             }));
         }
+        // Two-person rule: when the policy gates failovers, this records a pending request
+        // (the request as sent, with its request id) and answers "needs approval".
+        let mut stored = req.clone();
+        stored.request_id.clone_from(&request_id);
+        super::security::gate(
+            &self.ctx,
+            &id,
+            super::security::ApprovalKind::Failover,
+            &format!("{} -> {}", op.cluster, op.to_region),
+            &stored,
+        )
+        .await?;
         info!(identity = %id, kind = op.kind.as_str(), cluster = %op.cluster, to = %op.to_region, "failover requested");
         self.write(&id.to_string(), OpsCommand::CreateOperation { op })
             .await?;

@@ -13,6 +13,8 @@ use super::{Command, NewCommand, Refusal, Request, Response, State};
 /// same result on every node.
 pub fn apply(state: &mut State, log_index: u64, req: &Request) -> Response {
     let at = req.at_unix_ms;
+    // A command-specific audit outcome (used unless the request was refused or unchanged).
+    let mut outcome: Option<String> = None;
     let (target, resp) = match &req.cmd {
         Command::HostUp {
             host_id,
@@ -44,13 +46,25 @@ pub fn apply(state: &mut State, log_index: u64, req: &Request) -> Response {
         Command::IssueCommands { commands } => (
             commands
                 .iter()
-                .map(|c| c.key.as_str())
+                .map(|c| {
+                    format!(
+                        "{}@{} {}",
+                        c.key,
+                        c.host_id,
+                        super::audit::describe_action(&c.action)
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(","),
             issue_commands(state, log_index, at, &req.origin, commands),
         ),
         Command::CommandAcked { key } => (key.clone(), command_acked(state, at, key)),
         Command::CommandCompleted { key, result } => {
+            outcome = Some(if result.success {
+                "applied: success".to_owned()
+            } else {
+                "applied: failed".to_owned()
+            });
             (key.clone(), command_completed(state, at, key, result))
         }
         Command::CancelCommand { key, reason } => {
@@ -61,6 +75,11 @@ pub fn apply(state: &mut State, log_index: u64, req: &Request) -> Response {
             o.target(),
             super::operations::apply_ops(state, log_index, at, &req.origin, o),
         ),
+        Command::Approvals(c) => {
+            let (resp, o) = super::approvals::apply(state, log_index, at, &req.origin, c);
+            outcome = o;
+            (c.target(), resp)
+        }
         Command::Security(c) => (
             c.target(),
             super::security::apply(state, at, &req.origin, c),
@@ -99,6 +118,9 @@ pub fn apply(state: &mut State, log_index: u64, req: &Request) -> Response {
         Response::Expired { keys } if keys.is_empty() => "unchanged".to_owned(),
         _ => "applied".to_owned(),
     };
+    let result = outcome
+        .filter(|_| !matches!(resp, Response::Refused { .. } | Response::Unchanged))
+        .unwrap_or(result);
     state
         .audit
         .append(log_index, at, &req.origin, req.cmd.name(), target, result);
@@ -1055,7 +1077,7 @@ mod tests {
                     "zz",
                     "refused: host zz is not known to the cluster"
                 ),
-                (4, 4, 4, "issue_commands", "k1", "applied"),
+                (4, 4, 4, "issue_commands", "k1@h1 run_checks", "applied"),
             ]
         );
         assert!(s.audit.entries().iter().all(|e| e.origin == ORIGIN));

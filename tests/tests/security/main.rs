@@ -1,0 +1,9 @@
+//! Acceptance suite of the security-response issue (issue 6), against the REAL binaries.
+//!
+//! t10: two-person approvals (a gated failover waits for a second admin; self-approval,
+//! non-admins and expired requests are refused). t20: the hash-chained audit log (edited,
+//! removed and reordered entries are each named by `drctl audit verify`).
+#![allow(clippy::unwrap_used)]
+
+mod t10_approvals;
+mod t20_audit;
