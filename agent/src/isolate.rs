@@ -502,7 +502,16 @@ pub fn parse_allow_arg(arg: Option<&String>) -> Result<Vec<AllowRule>, String> {
     };
     arg.split(',')
         .filter(|s| !s.trim().is_empty())
-        .map(|s| AllowRule::parse(s).map_err(|e| format!("allow: {e}; isolation not applied")))
+        .map(|s| {
+            let rule =
+                AllowRule::parse(s).map_err(|e| format!("allow: {e}; isolation not applied"))?;
+            if rule.prefix == 0 {
+                return Err(format!(
+                    "allow: {s} admits every source, which would make the isolation a no-op; name the management network (e.g. 10.0.0.5/32:22); isolation not applied"
+                ));
+            }
+            Ok(rule)
+        })
         .collect()
 }
 

@@ -282,7 +282,21 @@ async fn t10_isolate_blocks_new_flows_keeps_coordinator_and_restores_exactly() {
                 ctx(),
             )
             .await;
-        assert!(!refused.success && refused.message.contains("takes no arguments"));
+        assert!(
+            !refused.success && refused.message.contains("admits every source"),
+            "{refused:?}"
+        );
+        let unknown = reg
+            .call(
+                "isolate",
+                HashMap::from([("ports".to_string(), "22".to_string())]),
+                ctx(),
+            )
+            .await;
+        assert!(
+            !unknown.success && unknown.message.contains("takes only allow"),
+            "{unknown:?}"
+        );
     }
 
     // --- a reboot (ruleset back to the operator's) does not lift isolation
