@@ -404,6 +404,44 @@ cron = "0 4 * * 0"
         "{list}"
     );
 
+    info!("--- a logical backup named with --backup goes to pg_restore --clean --if-exists");
+    let dump = cluster
+        .drctl_json([
+            "backup",
+            "run",
+            "--db",
+            "yeslocker",
+            "--type",
+            "logical",
+            "--wait",
+        ])
+        .await?;
+    let dump = match dump {
+        Value::Array(mut a) => a.pop().unwrap_or(Value::Null),
+        v => v,
+    };
+    let dump_id = dump["id"].as_str().context("logical backup id")?.to_owned();
+    batch_and_archive(&url, 4).await?;
+    let op = cluster
+        .drctl_json([
+            "restore",
+            "--db",
+            "yeslocker",
+            "--backup",
+            &dump_id,
+            "--to-host",
+            BJ,
+            "--wait",
+        ])
+        .await?;
+    ensure!(res(&op, "restore") == "succeeded", "{op}");
+    let live = pg.port.to_string();
+    let counts = (count(&live, 3).await?, count(&live, 4).await?);
+    ensure!(
+        counts == (100, 0),
+        "the dump's contents replaced the table: {counts:?}"
+    );
+
     info!("--- a corrupted chunk: the restore fails naming it, no server started");
     let mut chunks = Vec::new();
     let mut stack = vec![bk.join("repo").join("data")];
