@@ -4,3 +4,4 @@
 
 mod t10_catalog;
 mod t20_logical_files;
+mod t30_wal_archive;
