@@ -544,6 +544,17 @@ impl pb::restore_service_server::RestoreService for RestoreApi {
                 started: false,
             }));
         }
+        if r.in_place && !r.dry_run {
+            // Two-person rule (api::security): parks the request when the policy gates it.
+            super::security::gate(
+                &self.ctx,
+                &caller,
+                super::security::ApprovalKind::RestoreInPlace,
+                &format!("{} on {}", r.db, plan.to_host),
+                &r,
+            )
+            .await?;
+        }
         info!(identity = %caller, db = %r.db, host = %plan.to_host, backup = %plan.backup_id, in_place = r.in_place, "restore requested");
         let info = commit(&self.ctx, &origin, op).await?;
         Ok(Response::new(pb::StartRestoreResponse {
