@@ -102,9 +102,25 @@ pub async fn build_launch(
     requester: &str,
     payload_json: &str,
 ) -> ApiResult<Command> {
-    let _ = requester;
     match kind {
         ApprovalKind::Failover => super::operations::build_failover_launch(ctx, payload_json),
+        ApprovalKind::RestoreInPlace => {
+            let r: pb::StartRestoreRequest = serde_json::from_str(payload_json).map_err(|e| {
+                ApiError::InvalidArgument(format!("the stored restore request is unreadable: {e}"))
+            })?;
+            let (op, _plan) = super::restore::build_restore(
+                ctx,
+                requester,
+                &r,
+                crate::state::operations::OpKind::Restore,
+            )
+            .await?;
+            Ok(Command::Ops(
+                crate::state::operations::OpsCommand::CreateOperation { op },
+            ))
+        }
+        ApprovalKind::Isolate => super::response::build_isolate_launch(ctx, payload_json),
+        ApprovalKind::RotateCredentials => super::response::build_rotate_launch(ctx, payload_json),
         other => Err(ApiError::FailedPrecondition(format!(
             "no launcher is registered for {other} requests in this coordinator version; reject the request and run the operation after the policy allows it"
         ))),
