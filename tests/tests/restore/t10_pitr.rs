@@ -404,6 +404,54 @@ cron = "0 4 * * 0"
         "{list}"
     );
 
+    info!("--- a scheduled drill (cron every minute) starts once for its slot and passes");
+    let every_minute = bk.join("policy-every-minute.toml");
+    std::fs::write(
+        &every_minute,
+        std::fs::read_to_string(&policy)?.replace("cron = \"0 4 * * 0\"", "cron = \"* * * * *\""),
+    )?;
+    let apply = |f: &Path| {
+        let f = f.display().to_string();
+        let c = &cluster;
+        async move { c.drctl_json(["backup", "policy", "apply", "-f", &f]).await }
+    };
+    apply(&every_minute).await?;
+    let mut scheduled = Value::Null;
+    for _ in 0..90 {
+        let list = cluster.drctl_json(["drill", "list"]).await?;
+        if let Some(d) = list["drills"].as_array().and_then(|a| {
+            a.iter()
+                .find(|d| {
+                    d["created_by"]
+                        .as_str()
+                        .is_some_and(|c| c.contains("drill_scheduler"))
+                })
+                .cloned()
+        }) && d["finished_at_unix_ms"].as_i64().unwrap_or(0) != 0
+        {
+            scheduled = d;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    apply(&policy).await?;
+    // A slot that fired meanwhile must end (and throw its instance away) before going on.
+    for _ in 0..120 {
+        let list = cluster.drctl_json(["drill", "list"]).await?;
+        let running = list["drills"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|d| d["finished_at_unix_ms"].as_i64().unwrap_or(0) == 0)
+        });
+        if !running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    ensure!(
+        res(&scheduled, "drill") == "pass",
+        "scheduled drill: {scheduled}"
+    );
+
     info!("--- a logical backup named with --backup goes to pg_restore --clean --if-exists");
     let dump = cluster
         .drctl_json([
