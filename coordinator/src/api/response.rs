@@ -88,22 +88,7 @@ impl ResponseApi {
     }
 
     fn select(&self, sel: &pb::Selector) -> ApiResult<Vec<String>> {
-        if sel.hosts.is_empty() && sel.region.is_empty() && sel.role.is_empty() {
-            return Err(ApiError::InvalidArgument(
-                "name the hosts: --host HOST, --region R or --role ROLE (a security response never applies to every host by default)".into(),
-            ));
-        }
-        self.ctx.node.read(|s| {
-            let hosts: Vec<String> = s.select(sel).map(|h| h.host_id.clone()).collect();
-            if hosts.is_empty() {
-                Err(ApiError::FailedPrecondition(format!(
-                    "no known host matches the selector (hosts={:?} region={:?} role={:?}); `drctl agents list` shows what exists",
-                    sel.hosts, sel.region, sel.role
-                )))
-            } else {
-                Ok(hosts)
-            }
-        })
+        select_hosts(&self.ctx, sel)
     }
 
     /// Issues one command per `(host, action)` and waits until every one finished or its
@@ -198,7 +183,7 @@ impl ResponseApi {
         isolate: bool,
     ) -> ApiResult<pb::FanOutResponse> {
         self.require_leader()?;
-        let sel = r.selector.unwrap_or_default();
+        let sel = r.selector.clone().unwrap_or_default();
         for a in &r.allow_mgmt {
             if a.is_empty() || a.contains(',') || a.chars().any(char::is_whitespace) {
                 return Err(ApiError::InvalidArgument(format!(
@@ -212,12 +197,12 @@ impl ResponseApi {
             ));
         }
         let hosts = self.select(&sel)?;
-        let mut args = BTreeMap::new();
-        if !r.allow_mgmt.is_empty() {
-            args.insert("allow".to_owned(), r.allow_mgmt.join(","));
-        }
         let verb = if isolate { "isolate" } else { "unisolate" };
-        let action = generic(verb, args);
+        let action = if isolate {
+            isolate_action(&r)
+        } else {
+            generic(verb, BTreeMap::new())
+        };
         info!(identity = %origin, hosts = hosts.len(), verb, reason = %r.reason, "security response fan-out");
         let outcomes = self
             .fan_out(
@@ -292,6 +277,91 @@ impl ResponseApi {
     }
 }
 
+/// The fan-out an approved request launches: one command per selected host, committed
+/// inside the approving entry (see `api::security::build_launch`). The security records
+/// (isolated hosts) then follow the agents' results through
+/// `control::security_alerts`, as they do for an ungated call.
+fn build_fan_out(
+    ctx: &Ctx,
+    sel: &pb::Selector,
+    action: &pb::Action,
+    timeout_ms: u64,
+) -> ApiResult<Command> {
+    let hosts = select_hosts(ctx, sel)?;
+    let prefix = uuid::Uuid::new_v4().to_string();
+    let deadline =
+        now_unix_ms() + i64::try_from(timeout_of(timeout_ms).as_millis()).unwrap_or(i64::MAX / 4);
+    Ok(Command::IssueCommands {
+        commands: hosts
+            .into_iter()
+            .map(|h| NewCommand {
+                key: format!("{prefix}-{h}"),
+                host_id: h,
+                action: action.clone(),
+                deadline_unix_ms: deadline,
+                request_id: String::new(),
+            })
+            .collect(),
+    })
+}
+
+/// Launcher of an approved `isolate` request (the stored [`pb::IsolateRequest`]).
+pub fn build_isolate_launch(ctx: &Ctx, payload_json: &str) -> ApiResult<Command> {
+    let r: pb::IsolateRequest = serde_json::from_str(payload_json).map_err(|e| {
+        ApiError::InvalidArgument(format!("the stored isolate request is unreadable: {e}"))
+    })?;
+    build_fan_out(
+        ctx,
+        &r.selector.clone().unwrap_or_default(),
+        &isolate_action(&r),
+        r.timeout_ms,
+    )
+}
+
+/// Launcher of an approved `rotate-credentials` request (db/app secrets; certificates
+/// need the operator's signer and are not launched by an approval).
+pub fn build_rotate_launch(ctx: &Ctx, payload_json: &str) -> ApiResult<Command> {
+    let r: pb::RotateCredentialsRequest = serde_json::from_str(payload_json).map_err(|e| {
+        ApiError::InvalidArgument(format!("the stored rotation request is unreadable: {e}"))
+    })?;
+    build_fan_out(
+        ctx,
+        &r.selector.clone().unwrap_or_default(),
+        &generic(
+            "rotate-credentials",
+            BTreeMap::from([("scope".to_owned(), r.scope.clone())]),
+        ),
+        r.timeout_ms,
+    )
+}
+
+fn isolate_action(r: &pb::IsolateRequest) -> pb::Action {
+    let mut args = BTreeMap::new();
+    if !r.allow_mgmt.is_empty() {
+        args.insert("allow".to_owned(), r.allow_mgmt.join(","));
+    }
+    generic("isolate", args)
+}
+
+fn select_hosts(ctx: &Ctx, sel: &pb::Selector) -> ApiResult<Vec<String>> {
+    if sel.hosts.is_empty() && sel.region.is_empty() && sel.role.is_empty() {
+        return Err(ApiError::InvalidArgument(
+            "name the hosts: --host HOST, --region R or --role ROLE (a security response never applies to every host by default)".into(),
+        ));
+    }
+    ctx.node.read(|s| {
+        let hosts: Vec<String> = s.select(sel).map(|h| h.host_id.clone()).collect();
+        if hosts.is_empty() {
+            Err(ApiError::FailedPrecondition(format!(
+                "no known host matches the selector (hosts={:?} region={:?} role={:?}); `drctl agents list` shows what exists",
+                sel.hosts, sel.region, sel.role
+            )))
+        } else {
+            Ok(hosts)
+        }
+    })
+}
+
 #[tonic::async_trait]
 impl pb::response_service_server::ResponseService for ResponseApi {
     async fn isolate(
@@ -300,6 +370,19 @@ impl pb::response_service_server::ResponseService for ResponseApi {
     ) -> Result<Response<pb::FanOutResponse>, Status> {
         let origin = authorize(&self.ctx, &req, "Isolate", Permission::Act)?;
         let r = req.into_inner();
+        // Two-person rule when the policy asks for it: parks the request and answers
+        // "needs approval: request R-N" (validated first, so a bad request is refused now).
+        if self.ctx.node.is_leader() {
+            let hosts = self.select(&r.selector.clone().unwrap_or_default())?;
+            super::security::gate(
+                &self.ctx,
+                &origin,
+                super::security::ApprovalKind::Isolate,
+                &hosts.join(","),
+                &r,
+            )
+            .await?;
+        }
         self.isolate_or_unisolate(origin, r, true)
             .instrument(info_span!("isolate"))
             .await
@@ -326,6 +409,17 @@ impl pb::response_service_server::ResponseService for ResponseApi {
     ) -> Result<Response<pb::FanOutResponse>, Status> {
         let origin = authorize(&self.ctx, &req, "RotateCredentials", Permission::Admin)?;
         let r = req.into_inner();
+        if r.emergency && self.ctx.node.is_leader() && r.scope != "certs" {
+            let hosts = self.select(&r.selector.clone().unwrap_or_default())?;
+            super::security::gate(
+                &self.ctx,
+                &origin,
+                super::security::ApprovalKind::RotateCredentials,
+                &format!("{} on {}", r.scope, hosts.join(",")),
+                &r,
+            )
+            .await?;
+        }
         let run = async {
             if !r.emergency {
                 return Err(ApiError::InvalidArgument(

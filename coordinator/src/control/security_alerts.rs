@@ -206,6 +206,13 @@ pub async fn run(ctx: Arc<Ctx>, tls: ServerTls, cancel: CancellationToken) {
                 .collect();
             (s.security.level().to_owned(), last)
         });
+        // 5. Isolation records follow finished isolate/unisolate commands (an approved
+        //    request launches the commands without a handler waiting for them).
+        let wall = now_unix_ms();
+        for cmd in ctx.node.read(|s| isolation_changes(s, wall)) {
+            info!(target_host = %cmd.target(), "isolation record follows a finished command");
+            propose(&ctx, Command::Security(cmd)).await;
+        }
         for v in views.iter().filter(|v| v.connected) {
             if let Some(detail) = integrity_detail(&v.checks)
                 && last_integrity.get(&v.host_id) != Some(&detail)
@@ -257,6 +264,63 @@ pub async fn run(ctx: Arc<Ctx>, tls: ServerTls, cancel: CancellationToken) {
     }
 }
 
+/// How long after a command finished the records follow it; until then the handler that
+/// issued it (if any) commits the record itself, with the operator's reason.
+const RECORD_GRACE_MS: i64 = 5_000;
+
+/// The isolation records that disagree with the newest successful isolate/unisolate
+/// command of each host.
+pub fn isolation_changes(s: &state::State, now_ms: i64) -> Vec<SecurityCommand> {
+    let mut latest: BTreeMap<&str, (&state::CommandRecord, bool)> = BTreeMap::new();
+    for c in s.commands.iter() {
+        if c.state != state::CommandState::Done || !c.result.as_ref().is_some_and(|r| r.success) {
+            continue;
+        }
+        let Some(pb::action::Kind::Generic(g)) = &c.action.kind else {
+            continue;
+        };
+        let isolate = match g.verb.as_str() {
+            "isolate" => true,
+            "unisolate" => false,
+            _ => continue,
+        };
+        let fin = c.finished_at_unix_ms.unwrap_or(0);
+        if latest
+            .get(c.host_id.as_str())
+            .is_none_or(|(p, _)| p.finished_at_unix_ms.unwrap_or(0) < fin)
+        {
+            latest.insert(c.host_id.as_str(), (c, isolate));
+        }
+    }
+    latest
+        .into_iter()
+        .filter_map(|(h, (c, isolate))| {
+            let fin = c.finished_at_unix_ms.unwrap_or(0);
+            if now_ms - fin < RECORD_GRACE_MS {
+                return None;
+            }
+            match (isolate, s.security.isolated.get(h)) {
+                (true, None) => Some(SecurityCommand::Isolated {
+                    host_id: h.to_owned(),
+                    reason: format!("isolated by command {}", c.key),
+                    allow_mgmt: match &c.action.kind {
+                        Some(pb::action::Kind::Generic(g)) => g
+                            .args
+                            .get("allow")
+                            .map(|a| a.split(',').map(str::to_owned).collect())
+                            .unwrap_or_default(),
+                        _ => Vec::new(),
+                    },
+                }),
+                (false, Some(i)) if fin > i.since_unix_ms => Some(SecurityCommand::Unisolated {
+                    host_id: h.to_owned(),
+                }),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,6 +356,97 @@ mod tests {
         assert_eq!(w.record(other, "x".into(), t0, 5, win), None);
         w.prune(t0 + Duration::from_secs(400), win);
         assert!(w.seen.is_empty() && w.alerted.is_empty());
+    }
+
+    #[test]
+    fn isolation_records_follow_finished_commands_after_the_grace() {
+        use crate::state::{Request, apply};
+        let mut s = state::State::default();
+        let mut idx = 0;
+        let mut run = |s: &mut state::State, at: i64, cmd: Command| {
+            idx += 1;
+            apply(
+                s,
+                idx,
+                &Request {
+                    at_unix_ms: at,
+                    origin: "spiffe://t/operator/a?role=admin".into(),
+                    cmd,
+                },
+            )
+        };
+        run(
+            &mut s,
+            1,
+            Command::HostUp {
+                host_id: "h1".into(),
+                region: "r".into(),
+                site: "s".into(),
+                roles: vec![],
+                version: "v".into(),
+                incarnation: 1,
+            },
+        );
+        let verb = |v: &str, allow: Option<&str>| pb::Action {
+            kind: Some(pb::action::Kind::Generic(pb::Generic {
+                verb: v.into(),
+                args: allow
+                    .map(|a| [("allow".to_owned(), a.to_owned())].into_iter().collect())
+                    .unwrap_or_default(),
+            })),
+        };
+        let finish = |s: &mut state::State,
+                      run: &mut dyn FnMut(&mut state::State, i64, Command) -> state::Response,
+                      key: &str,
+                      v: &str,
+                      at: i64| {
+            run(
+                s,
+                at,
+                Command::IssueCommands {
+                    commands: vec![NewCommand {
+                        key: key.into(),
+                        host_id: "h1".into(),
+                        action: verb(v, Some("10.0.0.5/32:22")),
+                        deadline_unix_ms: at + 60_000,
+                        request_id: String::new(),
+                    }],
+                },
+            );
+            run(
+                s,
+                at,
+                Command::CommandCompleted {
+                    key: key.into(),
+                    result: pb::CommandResult {
+                        key: key.into(),
+                        success: true,
+                        host_id: "h1".into(),
+                        ..Default::default()
+                    },
+                },
+            );
+        };
+        finish(&mut s, &mut run, "k1", "isolate", 1_000);
+        assert!(isolation_changes(&s, 2_000).is_empty(), "within the grace");
+        let c = isolation_changes(&s, 7_000);
+        assert_eq!(
+            c,
+            vec![SecurityCommand::Isolated {
+                host_id: "h1".into(),
+                reason: "isolated by command k1".into(),
+                allow_mgmt: vec!["10.0.0.5/32:22".into()],
+            }]
+        );
+        run(&mut s, 7_000, Command::Security(c[0].clone()));
+        assert!(isolation_changes(&s, 8_000).is_empty(), "record agrees");
+        finish(&mut s, &mut run, "k2", "unisolate", 20_000);
+        assert_eq!(
+            isolation_changes(&s, 30_000),
+            vec![SecurityCommand::Unisolated {
+                host_id: "h1".into()
+            }]
+        );
     }
 
     #[test]
