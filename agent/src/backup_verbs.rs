@@ -607,6 +607,8 @@ fn hint(e: &BackupError) -> &'static str {
     let t = e.to_string();
     if t.contains("No space left on device") || t.contains("no storage space") {
         " -- the repository location is full: free or add space there (chunks of this failed backup are removed by the next prune after its grace period); earlier backups are intact"
+    } else if t.contains("send http request") || t.contains("Connection refused") {
+        " -- the storage server could not be reached: check it is up and reachable from this host, then run the backup again; earlier backups are intact"
     } else {
         ""
     }

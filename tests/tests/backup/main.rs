@@ -5,3 +5,4 @@
 mod t10_catalog;
 mod t20_logical_files;
 mod t30_wal_archive;
+mod t40_s3_outage;
