@@ -2,8 +2,14 @@
 //!
 //! t10: two-person approvals (a gated failover waits for a second admin; self-approval,
 //! non-admins and expired requests are refused). t20: the hash-chained audit log (edited,
-//! removed and reordered entries are each named by `drctl audit verify`).
+//! removed and reordered entries are each named by `drctl audit verify`). t30: drctl
+//! isolate/unisolate with the agent inside a test network namespace. t40: emergency
+//! rotation with real PostgreSQL and the no-secret-anywhere search. t50: monitoring level,
+//! integrity and refused-handshake alerts.
 #![allow(clippy::unwrap_used)]
 
 mod t10_approvals;
 mod t20_audit;
+mod t30_isolate;
+mod t40_rotation;
+mod t50_alerts;
