@@ -15,6 +15,12 @@
 //! before promoting; the receiver condition keeps an agent restart from failing over a
 //! primary that still streams.
 //!
+//! A newly elected leader judges nothing until the candidate's agent has sent it a heartbeat
+//! (or `lease + drift_margin` has passed): until the agents have reconnected to it, every
+//! agent looks gone and every replica looks disconnected (seen in t30: a refusal "no
+//! connected replica" raised 2.4 s after the election, with the healthy shanghai agent still
+//! reconnecting).
+//!
 //! Refusals become an operation in state `needs_operator` with the reason (once per
 //! cluster until an operator acts): no witness in a two-region topology, automatic off,
 //! within the cooldown, no candidate, or the candidate's lag above the tier's RPO.
@@ -39,6 +45,8 @@ const TICK: Duration = Duration::from_millis(200);
 
 pub struct RegionDetector {
     ctx: Arc<Ctx>,
+    /// When this leader started detecting (its election, give or take a tick).
+    started: Instant,
     /// Per cluster: since when (monotonic, unix ms) every condition has held.
     suspect_since: HashMap<String, (Instant, i64)>,
 }
@@ -47,6 +55,7 @@ impl RegionDetector {
     pub fn new(ctx: Arc<Ctx>) -> Self {
         RegionDetector {
             ctx,
+            started: Instant::now(),
             suspect_since: HashMap::new(),
         }
     }
@@ -111,7 +120,22 @@ impl RegionDetector {
             // The primary's host alone (spec scenario 2): its agent has no session (so it
             // holds no lease and fences itself) and the candidate no longer streams from it.
             let host_failed = confirmed && primary_gone && receiver_down;
-            if !(region_failed || host_failed) {
+            // A new leader has no sessions yet: every agent is "gone" and every replica
+            // "not streaming" until it reconnects and reports. Judge once the candidate has
+            // reported to this leader (its receiver state is then first-hand), or, if it
+            // never does, after lease + drift (the plan's lease wait could not end sooner).
+            let candidate_fresh = candidate.as_ref().is_ok_and(|c| {
+                views.iter().any(|v| {
+                    v.host_id == c.host
+                        && v.connected
+                        && v.last_heartbeat > self.started
+                        && super::failover::fact(&v.facts, "role").is_some()
+                })
+            });
+            let settled = candidate_fresh
+                || now.saturating_duration_since(self.started)
+                    >= spec.failover.lease + spec.failover.drift_margin();
+            if !settled || !(region_failed || host_failed) {
                 if self.suspect_since.remove(name).is_some() {
                     info!(cluster = %name, %region, "region recovered before failover was declared");
                 }
