@@ -101,6 +101,7 @@ impl World {
                     InternalKind::WaitLease => InternalEffect::LeaseWaited { waited_ms: 4600 },
                     InternalKind::RaiseEpoch => InternalEffect::EpochRaised,
                     InternalKind::RecordMetrics => InternalEffect::MetricsRecorded,
+                    InternalKind::RecordRestore => InternalEffect::RestoreRecorded,
                 },
             },
             Move::Wait | Move::Nothing => return None,
