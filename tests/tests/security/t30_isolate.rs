@@ -330,3 +330,92 @@ async fn t30_isolate_through_drctl_keeps_the_session_and_restores_exactly() -> R
     cluster.shutdown().await?;
     Ok(())
 }
+
+/// The request id (`R-N`) named in a "needs approval" answer.
+fn request_id(err: &str) -> Option<String> {
+    let start = err.find("request R-")? + "request ".len();
+    Some(
+        err[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect(),
+    )
+}
+
+/// With `isolate` gated, `drctl isolate` parks a request; a second admin's approval
+/// launches it, and the isolation record follows the agent's result. The agent runs in the
+/// root namespace but its `nft` is pointed into a test namespace (`[isolation] nft`), so the
+/// machine's own ruleset is never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t31_gated_isolation_runs_only_after_a_second_admin_approves() -> Result<()> {
+    if Command::new("nft").arg("--version").output().is_err() {
+        panic!("nftables is not installed on this machine: apt-get install -y nftables");
+    }
+    let ns = Netns::create();
+    let host = "gated-1";
+    let mut agent = dr_tests::harness::cluster::AgentSpec::new(host);
+    agent.extra_toml = format!(
+        "\n[isolation]\nnft = [\"ip\", \"netns\", \"exec\", {}, \"nft\"]\n",
+        q(&ns.host)
+    );
+    let cluster = TestCluster::builder()
+        .coordinators(1)
+        .agent(agent)
+        .start()
+        .await?;
+    let endpoints = vec![cluster.coord_listen(1)?.to_string()];
+    let bob = cluster.pki.operator("bob", "admin").await?;
+    let bob = cluster.write_drctl_config("bob", &endpoints, &bob)?;
+    drctl_ok(
+        &cluster,
+        &["approvals", "policy", "set", "--require", "isolate"],
+    )
+    .await?;
+    let before = ns.nft(&["list", "ruleset"]);
+
+    // --- the request is parked: nothing is isolated
+    let out = cluster
+        .drctl(["isolate", "--host", host, "--reason", "INC-7"])
+        .await?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "isolation ran without approval");
+    let id = request_id(&err).with_context(|| format!("no request id in: {err}"))?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        ns.nft(&["list", "ruleset"]),
+        before,
+        "isolated before approval"
+    );
+
+    // --- the requester cannot approve; a second admin can
+    let own = cluster.drctl(["approve", &id]).await?;
+    assert!(!own.status.success(), "self-approval accepted");
+    let ok = cluster.drctl_with(&bob, ["approve", &id]).await?;
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    dr_tests::harness::wait::wait_until(
+        "the approved isolation is installed and recorded",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || async {
+            let sec: Value = serde_json::from_str(
+                &drctl_ok(&cluster, &["security", "status", "--output", "json"]).await?,
+            )?;
+            let recorded = sec["isolated"]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|i| i["host_id"] == host));
+            let installed = ns.nft(&["list", "ruleset"]).contains("dr_isolation");
+            Ok((recorded && installed).then_some(()))
+        },
+    )
+    .await?;
+
+    // --- unisolate is not gated and restores the namespace's ruleset exactly
+    drctl_ok(&cluster, &["unisolate", "--host", host]).await?;
+    assert_eq!(ns.nft(&["list", "ruleset"]), before);
+    cluster.shutdown().await?;
+    Ok(())
+}
