@@ -5,7 +5,7 @@
 //! [`run`]. Commands:
 //! ```text
 //! dr-agent repo init    --repo-config F            create key file (0600) and repository
-//! dr-agent repo prune   --repo-config F [--grace 1h] [--dry-run]
+//! dr-agent repo prune   --repo-config F [--grace 1h] [--dry-run] [--keep-wal]
 //! dr-agent backup run   --repo-config F --pg-url URL --data-dir DIR --type full|incr
 //! dr-agent backup run   --repo-config F --type logical --pg-url URL [--dbname D]
 //! dr-agent backup run   --repo-config F --type files --name SET --path P... [--exclude G]...
@@ -255,6 +255,10 @@ pub enum RepoCmd {
         grace: std::time::Duration,
         #[arg(long)]
         dry_run: bool,
+        /// Keep every archived WAL file (default: delete WAL below the oldest physical
+        /// backup's start segment, which no backup can use).
+        #[arg(long)]
+        keep_wal: bool,
     },
 }
 
@@ -363,12 +367,23 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             repo,
             grace,
             dry_run,
+            keep_wal,
         }) => {
             let r = open(&repo).await?;
             let rep = super::prune::prune(&r, grace, dry_run)
                 .await
                 .context("prune repository")?;
-            println!("{}", serde_json::to_string_pretty(&rep)?);
+            let wal = if keep_wal {
+                super::prune::WalPruneReport::default()
+            } else {
+                super::prune::prune_wal(&r, dry_run)
+                    .await
+                    .context("prune archived WAL")?
+            };
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({"chunks": rep, "wal": wal}))?
+            );
         }
         Command::Backup(BackupCmd::Run(a)) => {
             let RunArgs {

@@ -6,9 +6,9 @@
 //! write-only ones (the ransomware case). Between mark and delete an operator can still see
 //! (and restore) a marked backup. The agent's prune then removes only chunks no remaining
 //! manifest references AND older than the grace, so a backup running beside it keeps its
-//! fresh chunks. WAL is not deleted by prune at all yet, which trivially keeps the WAL every
-//! retained backup needs (a WAL cut-off at the oldest retained backup's start LSN is the
-//! next step).
+//! fresh chunks. The same prune then deletes archived WAL below the oldest remaining
+//! physical backup's start segment (`agent/src/backup/prune.rs`, `prune_wal`), so the WAL
+//! every retained backup needs is kept and nothing older piles up.
 //!
 //! Pure: [`expired`] is a function of the entries, the rules and the time zone.
 
