@@ -22,9 +22,11 @@ async fn leader_killed_at_every_step_plan_completes_once() -> Result<()> {
         "t50",
         Topo {
             automatic: false,
-            // Elections after each kill must not outlast the primary's lease: the test is
-            // about the plan, not about a self-fence racing the switchover.
-            lease: "15s",
+            // Elections after each kill must not outlast the primaries' leases: the test is
+            // about the plan, not about a self-fence racing the switchover. A switchover
+            // never waits for the lease, so a long one costs nothing; 15 s was once not
+            // enough on a loaded machine (an election took 14 s, shanghai fenced itself).
+            lease: "60s",
             ..Topo::default()
         },
     )
