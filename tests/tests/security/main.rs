@@ -10,3 +10,6 @@
 
 mod t10_approvals;
 mod t20_audit;
+mod t30_isolate;
+mod t40_rotation;
+mod t50_alerts;
