@@ -161,4 +161,18 @@ mod tests {
         let s = weekly.latest_at_or_before(tz, now).unwrap();
         assert_eq!(slot_label(tz, s), "20240428T0400");
     }
+
+    #[test]
+    fn missed_slots_collapse_to_the_latest() {
+        // No leader from 13:00 to 21:00 Shanghai: the 14:00 and 20:00 incrementals were
+        // missed. The next leader sees only the latest slot, 20:00 (one run: not two, not
+        // none), and the same slot until 08:00 the next day (FireSchedule then makes it once).
+        let c = Cron::parse("0 8,14,20 * * *").unwrap();
+        let tz: Tz = "Asia/Shanghai".parse().unwrap();
+        let now = Utc.with_ymd_and_hms(2024, 5, 1, 13, 0, 0).unwrap(); // 21:00 local
+        let slot = c.latest_at_or_before(tz, now).unwrap();
+        assert_eq!(slot_label(tz, slot), "20240501T2000");
+        let later = Utc.with_ymd_and_hms(2024, 5, 1, 23, 59, 0).unwrap(); // 07:59 local
+        assert_eq!(c.latest_at_or_before(tz, later).unwrap(), slot);
+    }
 }
