@@ -71,6 +71,34 @@ struct Counters {
     commands: AtomicU64,
     reconnects: AtomicU64,
     errors: AtomicU64,
+    /// The first few distinct session errors, so a failed ramp-up says why.
+    error_samples: std::sync::Mutex<Vec<String>>,
+}
+
+impl Counters {
+    fn record_error(&self, e: &anyhow::Error) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let text = format!("{e:#}");
+        let mut samples = self.error_samples.lock().unwrap_or_else(|p| p.into_inner());
+        if samples.len() < 5 && !samples.contains(&text) {
+            samples.push(text);
+        }
+    }
+
+    fn report(&self) -> String {
+        let samples = self.error_samples.lock().unwrap_or_else(|p| p.into_inner());
+        format!(
+            "connected {}, reconnects {}, errors {}{}",
+            self.connected.load(Ordering::Relaxed),
+            self.reconnects.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+            if samples.is_empty() {
+                String::new()
+            } else {
+                format!("; first errors: {}", samples.join(" | "))
+            }
+        )
+    }
 }
 
 fn main() -> Result<()> {
@@ -205,9 +233,10 @@ async fn run(args: Args) -> Result<()> {
     while counters.connected.load(Ordering::Relaxed) < args.sessions {
         if Instant::now() > deadline {
             bail!(
-                "only {} of {} sessions connected after the ramp-up",
+                "only {} of {} sessions connected after the ramp-up ({})",
                 counters.connected.load(Ordering::Relaxed),
-                args.sessions
+                args.sessions,
+                counters.report()
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -330,8 +359,8 @@ impl Session {
                         _ = tokio::time::sleep(Duration::from_millis(100) + jitter) => {}
                     }
                 }
-                Err(_) => {
-                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                Err(e) => {
+                    self.counters.record_error(&e);
                     let jitter = Duration::from_millis(rand::random::<u64>() % 1000);
                     tokio::select! {
                         _ = cancel.cancelled() => return,
