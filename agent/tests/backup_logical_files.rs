@@ -211,6 +211,18 @@ async fn t20_file_set_backup_restore_dry_run_overwrite() {
     assert!(id.ends_with("-files"), "{id}");
     run_ok(agent(&cfg).args(["backup", "verify", &id]));
 
+    // A file set is not a data directory: the physical restore refuses it before writing.
+    let pg_target = root.join("pgdata");
+    let err = run_fail(agent(&cfg).args([
+        "restore",
+        "--backup",
+        &id,
+        "--target",
+        &pg_target.display().to_string(),
+    ]));
+    assert!(err.contains("not a physical one"), "{err}");
+    assert!(!pg_target.exists(), "nothing written for a refused restore");
+
     // Dry run into an empty directory: lists, writes nothing.
     let target = root.join("restore");
     std::fs::create_dir_all(&target).unwrap();

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::key::ChunkId;
-use super::manifest::{BackupId, EntryKind};
+use super::manifest::{BackupId, BackupKind, EntryKind};
 use super::repo::{CHUNK_SIZE, Repository};
 use super::{BackupError, BackupResult, blocking};
 
@@ -84,6 +84,15 @@ pub async fn restore_with_progress(
             Err(e) => return Err(BackupError::io(format!("read {}", target.display()), e)),
         }
         let manifest = repo.get_manifest(id).await?;
+        // A logical dump or a file set in a data directory would be a server that cannot
+        // start (or, worse, one that starts on files from nowhere): refuse before writing.
+        if !matches!(manifest.kind, BackupKind::Full | BackupKind::Incr) {
+            return Err(BackupError::Invalid(format!(
+                "backup {id} is a {:?} backup, not a physical one; restore it with \
+                 `dr-agent restore-logical` / `restore-files` (or `drctl restore --backup {id}`)",
+                manifest.kind
+            )));
+        }
         let partial = partial_path(target);
         if std::fs::symlink_metadata(&partial).is_ok() {
             warn!(path = %partial.display(), "removing the leftover of an earlier failed restore");
