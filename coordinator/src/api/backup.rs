@@ -294,6 +294,7 @@ impl pb::backup_service_server::BackupService for BackupApi {
         req: Request<pb::ListBackupsRequest>,
     ) -> Result<Response<pb::ListBackupsResponse>, Status> {
         authorize(&self.ctx, &req, "ListBackups", Permission::Read)?;
+        let fresh = super::read_guard(&self.ctx, &req).await?;
         let db = req.into_inner().db;
         let backups = self.ctx.node.read(|s| {
             s.catalog
@@ -301,7 +302,7 @@ impl pb::backup_service_server::BackupService for BackupApi {
                 .map(|b| catalog::to_info(b, s.catalog.policy.as_ref()))
                 .collect()
         });
-        Ok(Response::new(pb::ListBackupsResponse { backups }))
+        Ok(fresh.respond(pb::ListBackupsResponse { backups }))
     }
 
     async fn get_backup(
@@ -309,6 +310,7 @@ impl pb::backup_service_server::BackupService for BackupApi {
         req: Request<pb::GetBackupRequest>,
     ) -> Result<Response<pb::BackupInfo>, Status> {
         authorize(&self.ctx, &req, "GetBackup", Permission::Read)?;
+        let fresh = super::read_guard(&self.ctx, &req).await?;
         let id = req.into_inner().id;
         self.ctx
             .node
@@ -318,7 +320,7 @@ impl pb::backup_service_server::BackupService for BackupApi {
                     .get(&id)
                     .map(|b| catalog::to_info(b, s.catalog.policy.as_ref()))
             })
-            .map(Response::new)
+            .map(|b| fresh.respond(b))
             .ok_or_else(|| {
                 ApiError::NotFound(format!(
                     "no backup {id} in the catalog; list them with `drctl backup list`"
@@ -479,8 +481,9 @@ impl pb::backup_service_server::BackupService for BackupApi {
         req: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::GetPolicyResponse>, Status> {
         authorize(&self.ctx, &req, "GetPolicy", Permission::Read)?;
+        let fresh = super::read_guard(&self.ctx, &req).await?;
         let policy = policy_or_refuse(&self.ctx)?;
-        Ok(Response::new(pb::GetPolicyResponse {
+        Ok(fresh.respond(pb::GetPolicyResponse {
             toml: toml::to_string(&policy).unwrap_or_default(),
             json: serde_json::to_string(&policy).unwrap_or_default(),
         }))

@@ -347,6 +347,7 @@ impl pb::operations_service_server::OperationsService for OperationsApi {
         req: Request<pb::GetTopologyRequest>,
     ) -> Result<Response<pb::GetTopologyResponse>, Status> {
         authorize(&self.ctx, &req, "GetTopology", Permission::Read)?;
+        let fresh = super::read_guard(&self.ctx, &req).await?;
         let resp = self.ctx.node.read(|s| match &s.ops.topology {
             None => pb::GetTopologyResponse::default(),
             Some(t) => pb::GetTopologyResponse {
@@ -368,7 +369,7 @@ impl pb::operations_service_server::OperationsService for OperationsApi {
                     .collect(),
             },
         });
-        Ok(Response::new(resp))
+        Ok(fresh.respond(resp))
     }
 
     async fn start_failover(
@@ -434,6 +435,7 @@ impl pb::operations_service_server::OperationsService for OperationsApi {
         req: Request<pb::ListOperationsRequest>,
     ) -> Result<Response<pb::ListOperationsResponse>, Status> {
         authorize(&self.ctx, &req, "ListOperations", Permission::Read)?;
+        let fresh = super::read_guard(&self.ctx, &req).await?;
         let limit = match req.get_ref().limit {
             0 => 50,
             n => n as usize,
@@ -447,7 +449,7 @@ impl pb::operations_service_server::OperationsService for OperationsApi {
                 .map(Operation::to_info)
                 .collect()
         });
-        Ok(Response::new(pb::ListOperationsResponse { operations }))
+        Ok(fresh.respond(pb::ListOperationsResponse { operations }))
     }
 
     async fn get_operation(
@@ -455,11 +457,12 @@ impl pb::operations_service_server::OperationsService for OperationsApi {
         req: Request<pb::GetOperationRequest>,
     ) -> Result<Response<pb::OperationInfo>, Status> {
         authorize(&self.ctx, &req, "GetOperation", Permission::Read)?;
+        let fresh = super::read_guard(&self.ctx, &req).await?;
         let id = req.get_ref().id;
         self.ctx
             .node
             .read(|s| s.ops.operations.get(&id).map(Operation::to_info))
-            .map(Response::new)
+            .map(|b| fresh.respond(b))
             .ok_or_else(|| ApiError::NotFound(format!("operation {id} does not exist")).into())
     }
 
@@ -470,6 +473,7 @@ impl pb::operations_service_server::OperationsService for OperationsApi {
         req: Request<pb::GetOperationRequest>,
     ) -> Result<Response<Self::WatchOperationStream>, Status> {
         authorize(&self.ctx, &req, "WatchOperation", Permission::Read)?;
+        let fresh = super::read_guard(&self.ctx, &req).await?;
         let id = req.get_ref().id;
         if self.ctx.node.read(|s| !s.ops.operations.contains_key(&id)) {
             return Err(ApiError::NotFound(format!("operation {id} does not exist")).into());
@@ -501,7 +505,7 @@ impl pb::operations_service_server::OperationsService for OperationsApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(fresh.respond(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn cancel_operation(

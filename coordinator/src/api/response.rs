@@ -628,6 +628,7 @@ impl pb::response_service_server::ResponseService for ResponseApi {
         req: Request<pb::SecurityStatusRequest>,
     ) -> Result<Response<pb::SecurityStatusResponse>, Status> {
         authorize(&self.ctx, &req, "SecurityStatus", Permission::Read)?;
-        Ok(Response::new(self.status_of()))
+        let fresh = super::read_guard(&self.ctx, &req).await?;
+        Ok(fresh.respond(self.status_of()))
     }
 }

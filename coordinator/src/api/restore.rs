@@ -593,6 +593,7 @@ impl pb::restore_service_server::RestoreService for RestoreApi {
         req: Request<pb::ListDrillsRequest>,
     ) -> Result<Response<pb::ListDrillsResponse>, Status> {
         authorize(&self.ctx, &req, "ListDrills", Permission::Read)?;
+        let fresh = super::read_guard(&self.ctx, &req).await?;
         let limit = match req.get_ref().limit {
             0 => 50,
             n => n as usize,
@@ -607,7 +608,7 @@ impl pb::restore_service_server::RestoreService for RestoreApi {
                 .map(Operation::to_info)
                 .collect()
         });
-        Ok(Response::new(pb::ListDrillsResponse { drills }))
+        Ok(fresh.respond(pb::ListDrillsResponse { drills }))
     }
 }
 

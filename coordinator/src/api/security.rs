@@ -267,9 +267,8 @@ impl pb::approval_service_server::ApprovalService for ApprovalApi {
         req: Request<pb::GetApprovalPolicyRequest>,
     ) -> Result<Response<pb::ApprovalPolicy>, Status> {
         authorize(&self.ctx, &req, "GetApprovalPolicy", Permission::Read)?;
-        Ok(Response::new(
-            self.ctx.node.read(|s| policy_info(&s.approvals.policy)),
-        ))
+        let fresh = super::read_guard(&self.ctx, &req).await?;
+        Ok(fresh.respond(self.ctx.node.read(|s| policy_info(&s.approvals.policy))))
     }
 
     async fn set_approval_policy(
@@ -310,6 +309,7 @@ impl pb::approval_service_server::ApprovalService for ApprovalApi {
         req: Request<pb::ListApprovalsRequest>,
     ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
         authorize(&self.ctx, &req, "ListApprovals", Permission::Read)?;
+        let fresh = super::read_guard(&self.ctx, &req).await?;
         let pending_only = req.get_ref().pending_only;
         let now = now_unix_ms();
         let approvals = self.ctx.node.read(|s| {
@@ -321,7 +321,7 @@ impl pb::approval_service_server::ApprovalService for ApprovalApi {
                 .filter(|i| !pending_only || i.state == "pending")
                 .collect()
         });
-        Ok(Response::new(pb::ListApprovalsResponse { approvals }))
+        Ok(fresh.respond(pb::ListApprovalsResponse { approvals }))
     }
 
     async fn get_approval(
@@ -329,12 +329,13 @@ impl pb::approval_service_server::ApprovalService for ApprovalApi {
         req: Request<pb::DecideApprovalRequest>,
     ) -> Result<Response<pb::ApprovalInfo>, Status> {
         authorize(&self.ctx, &req, "GetApproval", Permission::Read)?;
+        let fresh = super::read_guard(&self.ctx, &req).await?;
         let id = parse_request_name(&req.get_ref().id).map_err(Status::invalid_argument)?;
         let now = now_unix_ms();
         self.ctx
             .node
             .read(|s| s.approvals.requests.get(&id).map(|r| approval_info(r, now)))
-            .map(Response::new)
+            .map(|b| fresh.respond(b))
             .ok_or_else(|| decide_status(&DecideError::Unknown { id }))
     }
 
@@ -447,6 +448,7 @@ impl pb::audit_service_server::AuditService for AuditApi {
         req: Request<pb::ListAuditRequest>,
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
         authorize(&self.ctx, &req, "ListAudit", Permission::Read)?;
+        let fresh = super::read_guard(&self.ctx, &req).await?;
         let req = req.into_inner();
         let limit = match req.limit {
             0 => 100,
@@ -465,7 +467,7 @@ impl pb::audit_service_server::AuditService for AuditApi {
         let (head_seq, head_hash) = all
             .last()
             .map_or((0, String::new()), |e| (e.seq, e.hash.clone()));
-        Ok(Response::new(pb::ListAuditResponse {
+        Ok(fresh.respond(pb::ListAuditResponse {
             entries,
             head_seq,
             head_hash,
@@ -479,6 +481,7 @@ impl pb::audit_service_server::AuditService for AuditApi {
         req: Request<pb::ExportAuditRequest>,
     ) -> Result<Response<Self::ExportAuditStream>, Status> {
         let who = authorize(&self.ctx, &req, "ExportAudit", Permission::Read)?;
+        let fresh = super::read_guard(&self.ctx, &req).await?;
         let since = req.get_ref().since_unix_ms;
         let all = held_entries(&self.ctx).await?.merged();
         info!(identity = %who, since, entries = all.len(), "audit export");
@@ -498,7 +501,7 @@ impl pb::audit_service_server::AuditService for AuditApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(fresh.respond(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn verify_audit(
@@ -506,6 +509,7 @@ impl pb::audit_service_server::AuditService for AuditApi {
         req: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
         let who = authorize(&self.ctx, &req, "VerifyAudit", Permission::Read)?;
+        let fresh = super::read_guard(&self.ctx, &req).await?;
         let mut anchors = Vec::new();
         for a in &req.get_ref().anchors {
             anchors.push(audit_chain::parse_anchor(a).map_err(Status::invalid_argument)?);
@@ -526,7 +530,7 @@ impl pb::audit_service_server::AuditService for AuditApi {
         problems.extend(report.problems.iter().map(ToString::to_string));
         let ok = problems.is_empty();
         info!(identity = %who, ok, problems = problems.len(), head_seq = report.head_seq, "audit verified");
-        Ok(Response::new(pb::VerifyAuditResponse {
+        Ok(fresh.respond(pb::VerifyAuditResponse {
             ok,
             node_id: self.ctx.node.id(),
             entries: report.entries as u64,

@@ -11,6 +11,7 @@ mod t10_basic;
 mod t20_leader_crash;
 mod t30_partition;
 mod t32_lost_majority;
+mod t33_stale_reads;
 mod t35_clean_shutdown;
 mod t40_refusals;
 mod t50_exactly_once;
