@@ -11,7 +11,7 @@
 //! (Prometheus gets a viewer certificate). There is no plaintext port, as for gRPC.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dr_proto::tls::{ServerTls, TlsStats};
@@ -27,7 +27,9 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::control::security_alerts::RefusedRpcLog;
 use crate::raft::RaftNode;
+use crate::state::security::SecurityState;
 
 /// Labels of `check_states`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -48,6 +50,15 @@ pub struct RefusedLabels {
     pub reason: String,
 }
 
+/// Labels of `security_alerts_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertKindLabels {
+    pub kind: String,
+}
+
+/// What `security_alerts_recent` counts: alerts committed within this long.
+pub const RECENT_ALERTS_MS: i64 = 3_600_000;
+
 /// Every metric of the coordinator. Counters are exposed with a `_total` suffix.
 #[derive(Debug)]
 pub struct Metrics {
@@ -66,6 +77,17 @@ pub struct Metrics {
     pub command_latency_seconds: Histogram,
     pub rpc_refused_total: Family<RefusedLabels, Counter>,
     pub tls_handshake_failures_total: Counter,
+    /// Security alerts committed, by kind, as followed from the replicated state (every
+    /// node counts every alert once, whichever node raised it).
+    pub security_alerts_total: Family<AlertKindLabels, Counter>,
+    /// Alerts committed within [`RECENT_ALERTS_MS`]: the "something is going on now" gauge.
+    pub security_alerts_recent: Gauge,
+    pub security_isolated_hosts: Gauge,
+    /// Highest alert seq already counted in `security_alerts_total`.
+    alerts_counted_seq: AtomicU64,
+    /// Not a metric: refused RPCs handed to the security monitoring loop. It lives here
+    /// because the metrics are the per-node observation sink every handler already holds.
+    pub refused_rpcs: RefusedRpcLog,
 }
 
 impl Default for Metrics {
@@ -94,6 +116,11 @@ impl Metrics {
             command_latency_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             rpc_refused_total: Family::default(),
             tls_handshake_failures_total: Counter::default(),
+            security_alerts_total: Family::default(),
+            security_alerts_recent: Gauge::default(),
+            security_isolated_hosts: Gauge::default(),
+            alerts_counted_seq: AtomicU64::new(0),
+            refused_rpcs: RefusedRpcLog::default(),
         };
         registry.register("raft_term", "Current Raft term", m.raft_term.clone());
         registry.register(
@@ -161,7 +188,47 @@ impl Metrics {
             "TLS handshakes that failed",
             m.tls_handshake_failures_total.clone(),
         );
+        registry.register(
+            "security_alerts",
+            "Security alerts committed, by kind",
+            m.security_alerts_total.clone(),
+        );
+        registry.register(
+            "security_alerts_recent",
+            "Security alerts committed within the last hour",
+            m.security_alerts_recent.clone(),
+        );
+        registry.register(
+            "security_isolated_hosts",
+            "Hosts currently isolated",
+            m.security_isolated_hosts.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Follows the committed security state: counts alerts not counted before (by seq) and
+    /// sets the gauges. Alerts trimmed from the state before this node saw them are not
+    /// counted; after a restart the alerts still kept are counted again (a counter reset,
+    /// which Prometheus' `rate`/`increase` handle).
+    pub fn observe_security(&self, sec: &SecurityState, now_ms: i64) {
+        let seen = self.alerts_counted_seq.load(Ordering::Relaxed);
+        let mut max = seen;
+        for a in sec.alerts.iter().filter(|a| a.seq > seen) {
+            self.security_alerts_total
+                .get_or_create(&AlertKindLabels {
+                    kind: a.kind.clone(),
+                })
+                .inc();
+            max = max.max(a.seq);
+        }
+        self.alerts_counted_seq.store(max, Ordering::Relaxed);
+        let recent = sec
+            .alerts
+            .iter()
+            .filter(|a| now_ms - a.at_unix_ms <= RECENT_ALERTS_MS)
+            .count();
+        gauge_u64(&self.security_alerts_recent, recent as u64);
+        gauge_u64(&self.security_isolated_hosts, sec.isolated.len() as u64);
     }
 
     /// The text exposition format.
@@ -348,8 +415,51 @@ mod tests {
             "command_latency_seconds_bucket",
             "rpc_refused_total{reason=\"role\"} 1",
             "tls_handshake_failures_total",
+            "security_alerts_recent",
+            "security_isolated_hosts",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn security_alerts_are_counted_once_by_kind() {
+        use crate::state::security::{Alert, Isolation};
+        let m = Metrics::new();
+        let alert = |seq: u64, at: i64, kind: &str| Alert {
+            seq,
+            at_unix_ms: at,
+            kind: kind.into(),
+            source: "s".into(),
+            detail: "d".into(),
+            count: 5,
+        };
+        let mut sec = SecurityState::default();
+        let now = 10 * RECENT_ALERTS_MS;
+        sec.alerts.push(alert(1, 0, "refused-rpcs"));
+        sec.alerts.push(alert(2, now - 1_000, "refused-rpcs"));
+        sec.isolated.insert(
+            "db-1".into(),
+            Isolation {
+                since_unix_ms: 1,
+                by: "x".into(),
+                reason: "r".into(),
+                allow_mgmt: vec![],
+            },
+        );
+        m.observe_security(&sec, now);
+        // Observed again with one more alert: only the new one is counted.
+        sec.alerts.push(alert(3, now, "integrity"));
+        m.observe_security(&sec, now);
+        m.observe_security(&sec, now);
+        let text = m.encode();
+        for line in [
+            "security_alerts_total{kind=\"refused-rpcs\"} 2",
+            "security_alerts_total{kind=\"integrity\"} 1",
+            "security_alerts_recent 2",
+            "security_isolated_hosts 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
         }
     }
 }

@@ -17,6 +17,7 @@
 use dr_proto::identity::{Identity, Role, SpiffeId};
 
 use crate::Ctx;
+use crate::control::security_alerts::RefusedRpc;
 use crate::metrics::RefusedLabels;
 
 /// What a Control API call needs.
@@ -102,18 +103,32 @@ pub fn decide(id: &SpiffeId, rpc: &'static str, perm: Permission) -> Result<(), 
     }
 }
 
-/// Authenticates the caller of `req` and authorises `perm`, counting refusals.
+/// Authenticates the caller of `req` and authorises `perm`. Refusals are counted in
+/// `rpc_refused_total` and handed to security monitoring (repeated ones raise an alert).
 pub fn authorize<T>(
     ctx: &Ctx,
     req: &tonic::Request<T>,
     rpc: &'static str,
     perm: Permission,
 ) -> Result<SpiffeId, tonic::Status> {
-    let id = dr_proto::tls::peer_identity(req).inspect_err(|_| refused(ctx, "unauthenticated"))?;
+    let remote = req
+        .extensions()
+        .get::<dr_proto::tls::PeerInfo>()
+        .map(|p| p.remote_addr);
+    let record = |identity: Option<String>, reason: &'static str| {
+        refused(ctx, reason);
+        ctx.metrics.refused_rpcs.push(RefusedRpc {
+            identity,
+            remote,
+            rpc,
+            reason,
+        });
+    };
+    let id = dr_proto::tls::peer_identity(req).inspect_err(|_| record(None, "unauthenticated"))?;
     match decide(&id, rpc, perm) {
         Ok(()) => Ok(id),
         Err(e) => {
-            refused(ctx, e.reason());
+            record(Some(id.to_string()), e.reason());
             tracing::info!(identity = %id, rpc, reason = e.reason(), "rpc refused");
             Err(tonic::Status::permission_denied(e.to_string()))
         }

@@ -16,7 +16,7 @@
 //! Leader-only parts (integrity alerts, level push) read the leader's live registry.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,23 +37,25 @@ const PUSH_RETRY: Duration = Duration::from_secs(20);
 const PUSH_DEADLINE: Duration = Duration::from_secs(30);
 pub const KIND_HANDSHAKES: &str = "refused-handshakes";
 pub const KIND_INTEGRITY: &str = "integrity";
+pub const KIND_RPCS: &str = "refused-rpcs";
 /// The fact agents report their monitoring level in (`dr_agent::integrity::FACT_LEVEL`).
 pub const FACT_LEVEL: &str = "security_monitoring_level";
 /// The `service` of agents' integrity checks (`dr_agent::integrity::SERVICE`).
 pub const INTEGRITY_SERVICE: &str = "security";
 
-/// Sliding-window counter of refused handshakes per source address.
+/// Sliding-window counter of refusals per source: the remote address for handshakes, the
+/// caller's identity for refused RPCs (an operator certificate used from several hosts is
+/// still one actor).
 #[derive(Debug, Default)]
 pub struct RefusalWindow {
-    seen: HashMap<IpAddr, VecDeque<Instant>>,
-    last_reason: HashMap<IpAddr, String>,
-    alerted: HashMap<IpAddr, Instant>,
+    seen: HashMap<String, VecDeque<Instant>>,
+    alerted: HashMap<String, Instant>,
 }
 
 /// An alert the window decided to raise.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WindowAlert {
-    pub source: IpAddr,
+    pub source: String,
     pub count: u64,
     pub reason: String,
 }
@@ -63,13 +65,13 @@ impl RefusalWindow {
     /// refusals within `window` and has not alerted within the last `window`.
     pub fn record(
         &mut self,
-        source: IpAddr,
+        source: &str,
         reason: String,
         now: Instant,
         threshold: u32,
         window: Duration,
     ) -> Option<WindowAlert> {
-        let q = self.seen.entry(source).or_default();
+        let q = self.seen.entry(source.to_owned()).or_default();
         q.push_back(now);
         while q
             .front()
@@ -78,20 +80,19 @@ impl RefusalWindow {
             q.pop_front();
         }
         let count = q.len() as u64;
-        self.last_reason.insert(source, reason.clone());
         if count < u64::from(threshold.max(1)) {
             return None;
         }
         if self
             .alerted
-            .get(&source)
+            .get(source)
             .is_some_and(|t| now.saturating_duration_since(*t) <= window)
         {
             return None;
         }
-        self.alerted.insert(source, now);
+        self.alerted.insert(source.to_owned(), now);
         Some(WindowAlert {
-            source,
+            source: source.to_owned(),
             count,
             reason,
         })
@@ -105,8 +106,56 @@ impl RefusalWindow {
         });
         self.alerted
             .retain(|_, t| now.saturating_duration_since(*t) <= window);
-        let live: HashSet<IpAddr> = self.seen.keys().copied().collect();
-        self.last_reason.retain(|k, _| live.contains(k));
+    }
+}
+
+/// One RPC refused by [`crate::api::auth::authorize`] on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedRpc {
+    /// The caller's SPIFFE id; `None` when the call carried no verified identity.
+    pub identity: Option<String>,
+    pub remote: Option<SocketAddr>,
+    pub rpc: &'static str,
+    pub reason: &'static str,
+}
+
+impl RefusedRpc {
+    /// The window key and alert source: who, or failing that, from where.
+    pub fn source(&self) -> String {
+        match (&self.identity, self.remote) {
+            (Some(id), _) => id.clone(),
+            (None, Some(r)) => r.ip().to_string(),
+            (None, None) => "unknown".to_owned(),
+        }
+    }
+}
+
+/// Most refusals held between two ticks; beyond it the oldest are dropped (a flood of
+/// refused calls must not grow memory; the alert is raised long before this fills).
+const REFUSED_RPCS_HELD: usize = 10_000;
+
+/// Refused RPCs of this node, handed from the request path to the monitoring loop.
+///
+/// Why a queue and not a direct proposal: a refused call must not wait on (or be able to
+/// flood) Raft; the loop counts them in its window and proposes at most one alert per
+/// identity per window.
+#[derive(Debug, Default)]
+pub struct RefusedRpcLog {
+    queue: std::sync::Mutex<VecDeque<RefusedRpc>>,
+}
+
+impl RefusedRpcLog {
+    pub fn push(&self, r: RefusedRpc) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= REFUSED_RPCS_HELD {
+            q.pop_front();
+        }
+        q.push_back(r);
+    }
+
+    pub fn drain(&self) -> Vec<RefusedRpc> {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.drain(..).collect()
     }
 }
 
@@ -134,6 +183,7 @@ async fn propose(ctx: &Ctx, cmd: Command) {
 /// Runs until `cancel` fires. Spawned by the server on every node.
 pub async fn run(ctx: Arc<Ctx>, tls: ServerTls, cancel: CancellationToken) {
     let mut window = RefusalWindow::default();
+    let mut rpc_window = RefusalWindow::default();
     let mut revoked_seen: Option<HashSet<String>> = None;
     let mut pushed: HashMap<String, Instant> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
@@ -168,7 +218,8 @@ pub async fn run(ctx: Arc<Ctx>, tls: ServerTls, cancel: CancellationToken) {
                 Some(id) => format!("{id}: {}", r.reason),
                 None => r.reason.clone(),
             };
-            if let Some(a) = window.record(r.remote.ip(), reason, now, threshold, win) {
+            if let Some(a) = window.record(&r.remote.ip().to_string(), reason, now, threshold, win)
+            {
                 warn!(source = %a.source, count = a.count, window_s, "repeated refused handshakes: raising an alert");
                 propose(
                     &ctx,
@@ -188,6 +239,40 @@ pub async fn run(ctx: Arc<Ctx>, tls: ServerTls, cancel: CancellationToken) {
             }
         }
         window.prune(now, win);
+
+        // 2b. Refused RPCs at this node, counted per identity.
+        for r in ctx.metrics.refused_rpcs.drain() {
+            let source = r.source();
+            let last = format!(
+                "{} from {} ({})",
+                r.rpc,
+                r.remote.map_or_else(|| "?".to_owned(), |a| a.to_string()),
+                r.reason
+            );
+            if let Some(a) = rpc_window.record(&source, last, now, threshold, win) {
+                warn!(source = %a.source, count = a.count, window_s, "repeated refused rpcs: raising an alert");
+                propose(
+                    &ctx,
+                    Command::Security(SecurityCommand::RaiseAlert {
+                        kind: KIND_RPCS.into(),
+                        source: a.source,
+                        detail: format!(
+                            "{} refused RPCs within {window_s}s at coordinator {}; last: {}",
+                            a.count,
+                            ctx.node.id(),
+                            a.reason
+                        ),
+                        count: a.count,
+                    }),
+                )
+                .await;
+            }
+        }
+        rpc_window.prune(now, win);
+        // Every node follows the committed alerts into its own metrics.
+        let wall_now = now_unix_ms();
+        ctx.node
+            .read(|s| ctx.metrics.observe_security(&s.security, wall_now));
 
         if !ctx.node.is_leader() {
             pushed.clear();
@@ -328,7 +413,7 @@ mod tests {
     #[test]
     fn window_alerts_once_at_threshold_then_again_after_the_window() {
         let mut w = RefusalWindow::default();
-        let ip: IpAddr = "127.0.0.9".parse().unwrap();
+        let ip = "127.0.0.9";
         let t0 = Instant::now();
         let win = Duration::from_secs(60);
         for i in 0..4 {
@@ -352,7 +437,7 @@ mod tests {
             None
         );
         // Another source is counted apart.
-        let other: IpAddr = "127.0.0.10".parse().unwrap();
+        let other = "127.0.0.10";
         assert_eq!(w.record(other, "x".into(), t0, 5, win), None);
         w.prune(t0 + Duration::from_secs(400), win);
         assert!(w.seen.is_empty() && w.alerted.is_empty());
