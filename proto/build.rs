@@ -8,8 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dr/v1/raft.proto",
         "dr/v1/backup.proto",
         "dr/v1/operations.proto",
-        "dr/v1/security.proto",
         "dr/v1/restore.proto",
+        "dr/v1/security.proto",
         "dr/v1/response.proto",
     ];
     for f in &files {

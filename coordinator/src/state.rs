@@ -96,11 +96,13 @@ pub enum Command {
     Ops(operations::OpsCommand),
     /// Two-person approvals: policy, requests, decisions (see [`approvals`]).
     Approvals(approvals::ApprovalCommand),
-    /// Several requests committed as one entry by the leader's group commit
-    /// (`raft/batcher.rs`); each is applied and audited as if it had its own entry.
-    Batch { requests: Vec<Request> },
     /// Isolation, revocations, monitoring level, alerts (see [`security`]).
     Security(security::SecurityCommand),
+    /// Several requests committed as one entry by the leader's group commit
+    /// (`raft/batcher.rs`); each is applied and audited as if it had its own entry.
+    Batch {
+        requests: Vec<Request>,
+    },
 }
 
 impl Command {
@@ -118,8 +120,8 @@ impl Command {
             Command::Backup(_) => "backup",
             Command::Ops(o) => o.name(),
             Command::Approvals(a) => a.name(),
-            Command::Batch { .. } => "batch",
             Command::Security(s) => s.name(),
+            Command::Batch { .. } => "batch",
         }
     }
 }

@@ -108,6 +108,11 @@ pub enum Command {
     /// Durable operations (failovers, switchovers) and their steps.
     #[command(subcommand)]
     Operations(crate::cmd::operations::OperationsCmd),
+    /// Restore a database: latest, a backup, or a point in time; onto a host or in place.
+    Restore(crate::cmd::restore::RestoreArgs),
+    /// Restore drills (backup-restore): run one now, list past ones.
+    #[command(subcommand)]
+    Drill(crate::cmd::drill::DrillCmd),
     /// Approve another operator's pending request (admin; runs it as the requester).
     Approve(crate::cmd::approve::ApproveArgs),
     /// Two-person approvals: pending requests, rejection, and the policy.
@@ -116,11 +121,6 @@ pub enum Command {
     /// The hash-chained audit log: list, export, verify.
     #[command(subcommand)]
     Audit(crate::cmd::audit::AuditCmd),
-    /// Restore a database: latest, a backup, or a point in time; onto a host or in place.
-    Restore(crate::cmd::restore::RestoreArgs),
-    /// Restore drills (backup-restore): run one now, list past ones.
-    #[command(subcommand)]
-    Drill(crate::cmd::drill::DrillCmd),
     /// Isolate hosts: only their coordinator session (and management sources) stay open.
     Isolate(crate::cmd::isolate::IsolateArgs),
     /// Restore the selected hosts' pre-isolation firewall rules, byte for byte.

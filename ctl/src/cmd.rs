@@ -18,9 +18,9 @@ pub mod cert;
 pub mod cluster;
 pub mod commands;
 pub mod demo;
+pub mod drill;
 pub mod failover;
 pub mod isolate;
-pub mod drill;
 pub mod operations;
 pub mod restore;
 pub mod rotate;
@@ -53,11 +53,11 @@ pub async fn dispatch(cli: Cli, env: &HashMap<String, String>) -> anyhow::Result
         Command::Topology(c) => topology::run(&connect()?, c, format).await,
         Command::Failover(a) => failover::run(&connect()?, a, format).await,
         Command::Operations(c) => operations::run(&connect()?, c, format).await,
+        Command::Restore(a) => restore::run(&connect()?, a, format).await,
+        Command::Drill(c) => drill::run(&connect()?, c, format).await,
         Command::Approve(a) => approve::run(&connect()?, a, format).await,
         Command::Approvals(c) => approvals::run(&connect()?, c, format).await,
         Command::Audit(c) => audit::run(&connect()?, c, format).await,
-        Command::Restore(a) => restore::run(&connect()?, a, format).await,
-        Command::Drill(c) => drill::run(&connect()?, c, format).await,
         Command::Commands(c) => commands::run(&connect()?, c, format).await,
         Command::Cancel { key, reason } => commands::cancel(&connect()?, key, reason, format).await,
         Command::Isolate(a) => isolate::isolate(&connect()?, a, format).await,

@@ -80,11 +80,11 @@ pub fn apply(state: &mut State, log_index: u64, req: &Request) -> Response {
             outcome = o;
             (c.target(), resp)
         }
+        Command::Batch { requests } => return apply_batch(state, log_index, requests),
         Command::Security(c) => (
             c.target(),
             super::security::apply(state, at, &req.origin, c),
         ),
-        Command::Batch { requests } => return apply_batch(state, log_index, requests),
         Command::ExpireCommands { now } => {
             let resp = expire_commands(state, *now);
             let target = match &resp {
@@ -463,12 +463,27 @@ mod tests {
         assert_eq!(responses.len(), 5);
         assert_eq!(responses[0], Response::Applied);
         assert_eq!(responses[1], Response::Applied);
-        assert_eq!(responses[2], Response::Unchanged, "same as the first: a repeat");
-        assert!(matches!(&responses[3], Response::Refused { .. }), "nested batch refused");
+        assert_eq!(
+            responses[2],
+            Response::Unchanged,
+            "same as the first: a repeat"
+        );
+        assert!(
+            matches!(&responses[3], Response::Refused { .. }),
+            "nested batch refused"
+        );
         assert!(matches!(&responses[4], Response::Refused { .. }));
-        assert_eq!(s.host("h1").unwrap().state_since_unix_ms, 1, "each keeps its own time");
+        assert_eq!(
+            s.host("h1").unwrap().state_since_unix_ms,
+            1,
+            "each keeps its own time"
+        );
         let audit = s.audit.entries();
-        assert_eq!(audit.len(), 4, "one audit entry per request, none for the wrapper");
+        assert_eq!(
+            audit.len(),
+            4,
+            "one audit entry per request, none for the wrapper"
+        );
         assert_eq!(audit[1].origin, "spiffe://test/agent/h2");
         assert!(audit.iter().all(|e| e.log_index == 7));
     }
