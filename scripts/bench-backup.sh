@@ -15,7 +15,7 @@
 #
 # Usage (root; PostgreSQL and both tools run as the postgres user):
 #   scripts/bench-backup.sh              # builds release dr-agent, ~15-20 min on 2 vCPU
-# Knobs: CHUNK_LEVEL (repository default) SCALE (60) REPS (5) PGBENCH_T (30) LAG_T (30) REPLAY_MB (1024) REPLAY_REPS (3)
+# Knobs: ONLY (sections, e.g. full,restore,pitr; default all) CHUNK_LEVEL (repository default) SCALE (60) REPS (5) PGBENCH_T (30) LAG_T (30) REPLAY_MB (1024) REPLAY_REPS (3)
 #        KEEP=1 keeps the work dir; OUT (markdown fragment, default target/bench-backup.md)
 # Raw samples: $WORK/raw.tsv (metric, rep, value).
 set -euo pipefail
@@ -28,6 +28,10 @@ PGBENCH_T=${PGBENCH_T:-30}
 LAG_T=${LAG_T:-30}
 REPLAY_MB=${REPLAY_MB:-1024}
 REPLAY_REPS=${REPLAY_REPS:-3}
+# ONLY=full,restore,pitr (comma list of lag,full,incr,push,restore,pitr,replay): run only these
+# sections (for iterating on one row; the main repository's full backup is always taken)
+ONLY=${ONLY:-}
+want() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 # zstd level of our chunks; empty: the repository default (3). Level 1 is ~15% faster on
 # pgbench_accounts but its index compresses to 30 MB instead of 22 MB, so the repository
 # grows to 1.11x pgBackRest's (measured: CHUNK_LEVEL=1 run of 2026-11-28)
@@ -267,11 +271,14 @@ lag_run() {
     rec "lag_${who}_growth_mb" 1 "$(awk '{v[NR]=$3} END{n=NR; t=int(n/3); if(t<1){print 0; exit} for(i=1;i<=t;i++)a+=v[i]; for(i=n-t+1;i<=n;i++)b+=v[i]; printf "%.1f", (b-a)/t/1e6}' "$W/lag-$who.tsv")"
     rec "lag_${who}_drain_s" 1 "$(dt "$t0" "$t1")"
 }
-log "archive lag: ours"; lag_run ours
-log "archive lag: pgbackrest"; lag_run pgbr
+if want lag; then
+    log "archive lag: ours"; lag_run ours
+    log "archive lag: pgbackrest"; lag_run pgbr
+fi
 echo both > "$W/archive.mode"
 
 # ------------------------------------------------------------------ 2. full backups
+if want full; then
 for i in $(seq 1 "$REPS"); do
     q "checkpoint"; wait_archive
     frepo=$W/ours-full-$i
@@ -291,10 +298,14 @@ for i in $(seq 1 "$REPS"); do
         q "checkpoint"; wait_archive
     done
 done
+fi
 # the main repository's full (parent of the incrementals), untimed
 ours_backup "$W/repo.toml" full >>"$LOG" 2>&1
+# pgBackRest's restores need one of its backups too
+want full || asp $PGBR --stanza=bench --type=full backup >>"$LOG" 2>&1
 
 # ------------------------------------------------------------------ 3. incrementals
+if want incr; then
 for i in $(seq 1 "$REPS"); do
     asp "$PGBIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -c 4 -T "$PGBENCH_T" postgres > "$W/pgbench-$i.out" 2>&1
     rec pgbench_tps "$i" "$(awk '/^tps = /{print $3; exit}' "$W/pgbench-$i.out")"
@@ -314,8 +325,10 @@ for i in $(seq 1 "$REPS"); do
 done
 wait_archive
 
+fi
 # ------------------------------------------------------------------ 4. one-segment push
 # the largest archived segments: full of pgbench WAL (not the mostly-empty switched ones)
+if want push; then
 mapfile -t segs < <(ls -S "$REPO/wal/00000001" | grep -E '^[0-9A-F]{24}$' | head -n $((2 * REPS)))
 for s in "${segs[@]}"; do asp "$AGENT" wal-fetch "$s" "$W/walcopy/$s" --repo-config "$W/repo.toml"; done
 for i in $(seq 1 "$REPS"); do
@@ -324,6 +337,7 @@ for i in $(seq 1 "$REPS"); do
     push_time push_pgbr_ms_raw "$i" $PGBR --stanza=walbench archive-push "$W/walcopy/$sp"
 done
 
+fi
 # ------------------------------------------------------------------ 5. restore
 LAST_START_LSN=$(asp "$AGENT" backup list --repo-config "$W/repo.toml" --output json | jq -r '[.[] | select(.kind == "full" or .kind == "incr")][-1].start_lsn')
 ours_restore() { # DIR
@@ -332,6 +346,7 @@ ours_restore() { # DIR
 restored_conf() { # DIR PORT: archive off in a restored copy (it must not push into the repos)
     printf "archive_mode = off\nport = %s\n" "$2" >> "$1/postgresql.auto.conf"
 }
+if want restore; then
 for i in $(seq 1 "$REPS"); do
     order="ours pgbr"; [ $((i % 2)) = 0 ] && order="pgbr ours"
     for who in $order; do
@@ -357,7 +372,9 @@ for i in $(seq 1 "$REPS"); do
     done
 done
 
+fi
 # ------------------------------------------------------------------ 6. point-in-time restore
+if want pitr; then
 q "drop table if exists pitr_t; create table pitr_t(id int, batch int, ts timestamptz default clock_timestamp())"
 q "insert into pitr_t(id,batch) select g,1 from generate_series(1,1000) g"
 sleep 1; T=$(q "select clock_timestamp()"); sleep 1
@@ -394,7 +411,9 @@ for i in $(seq 1 "$REPS"); do
     done
 done
 
+fi
 # ------------------------------------------------------------------ 7. WAL replay: wal-fetch vs local pg_wal
+if want replay; then
 echo ours > "$W/archive.mode"
 log "generating ~$REPLAY_MB MB of WAL"
 lsn0=$(q "select pg_current_wal_lsn()")
@@ -438,6 +457,7 @@ for i in $(seq 1 "$REPLAY_REPS"); do
 done
 echo both > "$W/archive.mode"
 
+fi
 # ------------------------------------------------------------------ summary
 med() { awk -F'\t' -v m="$1" '$1==m{print $3}' "$RAW" | sort -g | awk '{v[NR]=$1} END{if(!NR){print "n/a"; exit} printf "%s", v[int((NR+1)/2)]}'; }
 rng() { awk -F'\t' -v m="$1" '$1==m{print $3}' "$RAW" | sort -g | awk '{v[NR]=$1} END{if(NR) printf "%s..%s, n=%d", v[1], v[NR], NR}'; }
