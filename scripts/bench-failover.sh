@@ -85,9 +85,13 @@ run_patroni() {
 # ------------------------------------------------------------------ ours
 run_ours() {
     (cd "$ROOT" && cargo build -q -p dr-agent -p dr-coordinator -p drctl -p dr-tests --bin dr-failover-bench) || return 1
+    # A private copy of the binaries: the shared target dir may be rebuilt by others mid-run.
+    mkdir -p "$WORK/bin"
+    for b in dr-agent dr-coordinator drctl dr-failover-bench; do cp "$ROOT/target/debug/$b" "$WORK/bin/" || return 1; done
+    export DR_BIN_DIR=$WORK/bin
     export DR_HARNESS_RAFT=$RAFT_TIMINGS
     echo "ours: lease $LEASE, detect_after $DETECT_AFTER, raft heartbeat/election $RAFT_TIMINGS" >> "$WORK/versions.txt"
-    local b="$ROOT/target/debug/dr-failover-bench" common=(--lease "$LEASE" --detect-after "$DETECT_AFTER" --csv "$WORK/ours.csv")
+    local b="$WORK/bin/dr-failover-bench" common=(--lease "$LEASE" --detect-after "$DETECT_AFTER" --csv "$WORK/ours.csv")
     echo "mode,rep,to_first_write_s,gap_s,acked,lost,lost_s,leader_was_beijing,rate" > "$WORK/ours.csv"
     RUST_LOG=${RUST_LOG:-warn} "$b" --mode unplanned --reps "$REPS" "${common[@]}" 2>>"$WORK/ours.log" | tee -a "$WORK/ours-summary.txt"
     RUST_LOG=${RUST_LOG:-warn} "$b" --mode unplanned --leader beijing --reps "$BJ_LEADER_REPS" "${common[@]}" 2>>"$WORK/ours.log" | tee -a "$WORK/ours-summary.txt"

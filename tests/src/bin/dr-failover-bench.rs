@@ -17,6 +17,10 @@
 //!
 //! The writer mimics Patroni's: a fresh connection per attempt (connect timeout 1 s, statement
 //! timeout 2 s), the server that answered last tried first, one attempt every `1/rate` s.
+//! Above 20 writes/s one connection cannot keep up (a round trip plus commit is 2-7 ms on this
+//! loaded 2-core machine: 146-383 writes/s in the first run), so the rate is split over
+//! `--writers` tasks (default: one per 60 writes/s), each with its own kept connection per
+//! server and its own interleaved sequence numbers; the achieved rate is reported.
 //! Prints one CSV row per repetition (`--csv FILE` appends) and a summary.
 //!
 //! ```text
@@ -67,6 +71,9 @@ struct Args {
     /// Writer attempts per second (10 = Patroni's writer; 500 for the RPO case).
     #[arg(long)]
     rate: Option<u32>,
+    /// Concurrent writer tasks (default: 1 up to 20 writes/s, else one per 60 writes/s).
+    #[arg(long)]
+    writers: Option<u32>,
     /// The topology's failover lease (the old primary's self-fencing deadline).
     #[arg(long, default_value = "2s")]
     lease: String,
@@ -93,18 +100,47 @@ fn now_s() -> f64 {
         .unwrap_or_default()
 }
 
-async fn writer(ports: Vec<u16>, rate: u32, log: Log, stop: Arc<AtomicBool>) {
+/// `n` writer tasks sharing `rate` (sequence numbers k*n + i, so they never collide).
+fn start_writers(
+    ports: &[u16],
+    rate: u32,
+    n: u32,
+    log: &Log,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let n = n.max(1);
+    (0..n)
+        .map(|i| {
+            tokio::spawn(writer(
+                ports.to_vec(),
+                f64::from(rate.max(1)) / f64::from(n),
+                rate > 20,
+                (i64::from(i), i64::from(n)),
+                log.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect()
+}
+
+async fn writer(
+    ports: Vec<u16>,
+    rate: f64,
+    keep: bool,
+    (first, step): (i64, i64),
+    log: Log,
+    stop: Arc<AtomicBool>,
+) {
     use sqlx::Connection as _;
-    let period = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    let period = Duration::from_secs_f64(1.0 / rate);
     let mut pref = 0usize;
-    let mut seq = 0i64;
-    // At high rates a fresh connection per write would measure connection setup: keep one
-    // per server, drop it on any error (the failover closes them anyway).
-    let keep = rate > 20;
+    let mut seq = first - step + 1;
+    // At high rates (`keep`) a fresh connection per write would measure connection setup:
+    // keep one per server, drop it on any error (the failover closes them anyway).
     let mut conns: Vec<Option<sqlx::PgConnection>> = ports.iter().map(|_| None).collect();
     let mut next = Instant::now();
     while !stop.load(Ordering::SeqCst) {
-        seq += 1;
+        seq += step;
         let mut ok_port = 0u16;
         let order: Vec<usize> = std::iter::once(pref)
             .chain((0..ports.len()).filter(|i| *i != pref))
@@ -333,12 +369,10 @@ async fn measure(
         .unwrap_or(if args.mode == Mode::Rpo { 500 } else { 10 });
     let log: Log = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let w = tokio::spawn(writer(
-        vec![bj.port, sh.port],
-        rate,
-        log.clone(),
-        stop.clone(),
-    ));
+    let writers = args
+        .writers
+        .unwrap_or(if rate > 20 { rate.div_ceil(60) } else { 1 });
+    let ws = start_writers(&[bj.port, sh.port], rate, writers, &log, &stop);
     // Steady writes, and a random phase against the heartbeat/detector loops.
     let jitter = rand::random::<u64>() % 1000;
     tokio::time::sleep(Duration::from_millis(3000 + jitter)).await;
@@ -384,8 +418,12 @@ async fn measure(
     .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::SeqCst);
-    w.await?;
-    let log = log.lock().await.clone();
+    for w in ws {
+        w.await?;
+    }
+    // The tasks append as they finish: order by time for the analysis below.
+    let mut log = log.lock().await.clone();
+    log.sort_by(|a, b| a.0.total_cmp(&b.0));
     let first_sh = log
         .iter()
         .find(|(t, p, _)| *p == sh.port && *t > t0)
