@@ -549,57 +549,17 @@ async fn wal_status(env: Env, args: HashMap<String, String>, _ctx: ActionCtx) ->
     }
 }
 
-/// The server's archive lag: time since the last archived segment (0 when nothing waits to
-/// be archived) and bytes written after it.
-struct ArchiveLag {
-    secs: f64,
-    bytes: u64,
-    last_archived: String,
-    switched: bool,
-}
-
-/// Reads `pg_stat_archiver`; on a primary whose lag is above `max_lag_secs` with WAL waiting,
-/// forces `pg_switch_wal()` so the partial segment is archived now (the RPO bound; the same
-/// as PostgreSQL's `archive_timeout`, but driven by the tier's RPO).
-async fn archive_lag(url: &str, max_lag_secs: Option<f64>) -> Result<ArchiveLag, sqlx::Error> {
+/// The server's archive lag (see [`crate::health::wal_archive::measure`]); forces a segment
+/// switch when it reached `max_lag_secs` (the tier's RPO).
+async fn archive_lag(
+    url: &str,
+    max_lag_secs: Option<f64>,
+) -> Result<crate::health::wal_archive::ArchiveLag, sqlx::Error> {
     use sqlx::Connection as _;
     let mut c = sqlx::PgConnection::connect(url).await?;
-    let row: (bool, String, String, Option<f64>) = sqlx::query_as(
-        "select pg_is_in_recovery(), \
-                coalesce(last_archived_wal, ''), \
-                (case when pg_is_in_recovery() then '0/0'::pg_lsn else pg_current_wal_lsn() end)::text, \
-                extract(epoch from now() - coalesce(last_archived_time, pg_postmaster_start_time()))::float8 \
-           from pg_stat_archiver",
-    )
-    .fetch_one(&mut c)
-    .await?;
-    let (in_recovery, last, current, age) = row;
-    let cur: crate::backup::Lsn = current.parse().unwrap_or(crate::backup::Lsn(0));
-    // End of the last archived segment; everything after it waits for the archiver.
-    let archived_end = crate::backup::prune::segment_number(&last)
-        .map(|n| (n + 1) * (16 << 20))
-        .unwrap_or(0);
-    let bytes = if in_recovery {
-        0
-    } else {
-        cur.0.saturating_sub(archived_end)
-    };
-    let secs = if bytes == 0 { 0.0 } else { age.unwrap_or(0.0) };
-    let mut switched = false;
-    if !in_recovery && bytes > 0 && max_lag_secs.is_some_and(|m| secs >= m) {
-        let lsn: String = sqlx::query_scalar("select pg_switch_wal()::text")
-            .fetch_one(&mut c)
-            .await?;
-        info!(%lsn, lag_secs = secs, lag_bytes = bytes, "archive lag above the RPO: WAL segment switched");
-        switched = true;
-    }
+    let lag = crate::health::wal_archive::measure(&mut c, max_lag_secs).await;
     let _closed = c.close().await;
-    Ok(ArchiveLag {
-        secs,
-        bytes,
-        last_archived: last,
-        switched,
-    })
+    lag
 }
 
 /// What to do about an error, when we know: a full location is the common one.

@@ -31,6 +31,8 @@ pub const CONFIG_VERSION: u32 = 1;
 pub mod defaults {
     use std::time::Duration;
     pub const CHECK_INTERVAL: Duration = Duration::from_secs(10);
+    /// The DRP's RPO for ordinary data (critical data: 5 min, set `rpo` on the check).
+    pub const WAL_ARCHIVE_RPO: Duration = Duration::from_secs(15 * 60);
     pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
     pub const RECONNECT_MIN: Duration = Duration::from_millis(100);
     pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
@@ -272,6 +274,12 @@ pub enum Probe {
     Command {
         command: Vec<String>,
     },
+    /// Archive lag of the local PostgreSQL, held under `rpo` (see `health::wal_archive`).
+    /// `url` may carry a password, as for `Postgres`.
+    WalArchive {
+        url: String,
+        rpo: Duration,
+    },
 }
 
 impl Probe {
@@ -283,6 +291,7 @@ impl Probe {
             Probe::Disk { .. } => "disk",
             Probe::Process { .. } => "process",
             Probe::Command { .. } => "command",
+            Probe::WalArchive { .. } => "wal_archive",
         }
     }
 }
@@ -496,6 +505,8 @@ enum RawKind {
     Disk,
     Process,
     Command,
+    #[serde(rename = "wal_archive")]
+    WalArchive,
 }
 
 /// One `[[checks]]` or `[[smoke_tests]]` entry: flat, so every key keeps its span.
@@ -519,6 +530,7 @@ struct RawProbeEntry {
     min_free_bytes: Option<Spanned<u64>>,
     pidfile: Option<Spanned<PathBuf>>,
     command: Option<Spanned<Vec<String>>>,
+    rpo: Option<Spanned<HumanDuration>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1166,6 +1178,7 @@ fn probe_entry(
         min_free_bytes,
         pidfile,
         command,
+        rpo,
     } = entry;
     let kind_span = kind.span();
     let kind = *kind.get_ref();
@@ -1177,6 +1190,7 @@ fn probe_entry(
         RawKind::Disk => "disk",
         RawKind::Process => "process",
         RawKind::Command => "command",
+        RawKind::WalArchive => "wal_archive",
     };
     let allowed_here = match section {
         Section::Check => kind != RawKind::Sql,
@@ -1184,7 +1198,7 @@ fn probe_entry(
     };
     if !allowed_here {
         let what = if section == Section::Check {
-            "tcp, http, postgres, disk, process or command"
+            "tcp, http, postgres, disk, process, command or wal_archive"
         } else {
             "http, sql or command"
         };
@@ -1203,8 +1217,9 @@ fn probe_entry(
         RawKind::Disk => &["path", "min_free_percent", "min_free_bytes"],
         RawKind::Process => &["pidfile"],
         RawKind::Command => &["command"],
+        RawKind::WalArchive => &["url", "rpo"],
     };
-    let present: [(&str, Option<std::ops::Range<usize>>); 11] = [
+    let present: [(&str, Option<std::ops::Range<usize>>); 12] = [
         ("url", url.as_ref().map(Spanned::span)),
         ("query", query.as_ref().map(Spanned::span)),
         ("expect", expect.as_ref().map(Spanned::span)),
@@ -1219,6 +1234,7 @@ fn probe_entry(
         ("min_free_bytes", min_free_bytes.as_ref().map(Spanned::span)),
         ("pidfile", pidfile.as_ref().map(Spanned::span)),
         ("command", command.as_ref().map(Spanned::span)),
+        ("rpo", rpo.as_ref().map(Spanned::span)),
     ];
     for (key, span) in present {
         if let Some(span) = span
@@ -1256,6 +1272,35 @@ fn probe_entry(
                 url: url.into_inner(),
                 expect_status: expect_status.map_or(200, Spanned::into_inner),
                 ca: ca.map(|c| resolve(base, c.into_inner())),
+            }
+        }
+        RawKind::WalArchive => {
+            let url = url.ok_or_else(|| missing("url"))?;
+            if !(url.get_ref().starts_with("postgres://")
+                || url.get_ref().starts_with("postgresql://"))
+            {
+                return Err(ctx.at(
+                    url.span(),
+                    "invalid value for `url`: expected a postgres:// URL",
+                ));
+            }
+            let rpo_d = match rpo {
+                Some(r) => {
+                    let span = r.span();
+                    let d = r.into_inner().0;
+                    if d < Duration::from_secs(2) {
+                        return Err(ctx.at(
+                            span,
+                            format!("invalid value for `rpo` of `{name_s}`: at least 2s (the tier's recovery point objective, e.g. \"5m\")"),
+                        ));
+                    }
+                    d
+                }
+                None => defaults::WAL_ARCHIVE_RPO,
+            };
+            Probe::WalArchive {
+                url: url.into_inner(),
+                rpo: rpo_d,
             }
         }
         RawKind::Postgres | RawKind::Sql => {
@@ -1395,10 +1440,13 @@ mod tests {
         assert_eq!(cfg.coordinators.len(), 3);
         assert_eq!(cfg.metrics_listen, Some("127.0.0.1:9444".parse().unwrap()));
         assert_eq!(cfg.session.reconnect_min, Duration::from_millis(100));
-        assert_eq!(cfg.checks.len(), 6);
+        assert_eq!(cfg.checks.len(), 7);
         assert_eq!(cfg.checks[0].tier, pb::Tier::Critical);
         assert!(
-            matches!(cfg.checks[3].probe, Probe::Disk { min_free_percent: Some(p), .. } if p == 10.0)
+            matches!(cfg.checks[1].probe, Probe::WalArchive { rpo, .. } if rpo == Duration::from_secs(300))
+        );
+        assert!(
+            matches!(cfg.checks[4].probe, Probe::Disk { min_free_percent: Some(p), .. } if p == 10.0)
         );
         assert_eq!(cfg.services.len(), 2);
         assert_eq!(
@@ -1477,6 +1525,25 @@ mod tests {
         assert!(
             err.starts_with(&format!("agent.toml:{line}: key `pidfile` does not apply")),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn wal_archive_rpo_is_checked() {
+        let text = EXAMPLE.replace("rpo = \"5m\"", "rpo = \"500ms\"");
+        let err = parse(&text).unwrap_err();
+        assert!(err.contains("invalid value for `rpo`"), "{err}");
+        let text = EXAMPLE.replace(
+            "addr = \"127.0.0.1:5432\"",
+            "addr = \"127.0.0.1:5432\"\nrpo = \"5m\"",
+        );
+        let err = parse(&text).unwrap_err();
+        assert!(err.contains("key `rpo` does not apply"), "{err}");
+        // Without `rpo`: the DRP's 15 minutes.
+        let text = EXAMPLE.replace("rpo = \"5m\"\n", "");
+        let cfg = parse(&text).unwrap();
+        assert!(
+            matches!(cfg.checks[1].probe, Probe::WalArchive { rpo, .. } if rpo == Duration::from_secs(900))
         );
     }
 

@@ -29,6 +29,7 @@ pub mod http;
 pub mod postgres;
 pub mod process;
 pub mod tcp;
+pub mod wal_archive;
 
 /// What one probe run found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,11 +72,17 @@ enum ProberState {
     Stateless,
     Http(http::HttpState),
     Postgres(postgres::PgState),
+    WalArchive(wal_archive::WalArchiveState),
 }
 
 impl Prober {
-    pub fn new(probe: Probe) -> Self {
+    /// `interval` is the check's (it decides when `wal_archive` forces a segment switch);
+    /// smoke tests pass zero.
+    pub fn new(probe: Probe, interval: Duration) -> Self {
         let state = match &probe {
+            Probe::WalArchive { url, rpo } => {
+                ProberState::WalArchive(wal_archive::WalArchiveState::new(url, *rpo, interval))
+            }
             Probe::Http { url, ca, .. } => ProberState::Http(http::HttpState::new(url, ca.clone())),
             Probe::Postgres { url, query, expect } => {
                 ProberState::Postgres(postgres::PgState::new(url, query, expect.as_deref()))
@@ -97,6 +104,7 @@ impl Prober {
                     st.probe(*expect_status).await
                 }
                 (Probe::Postgres { .. }, ProberState::Postgres(st)) => st.probe().await,
+                (Probe::WalArchive { .. }, ProberState::WalArchive(st)) => st.probe().await,
                 (
                     Probe::Disk {
                         path,
@@ -126,8 +134,10 @@ impl Prober {
     }
 
     pub async fn close(&mut self) {
-        if let ProberState::Postgres(st) = &mut self.state {
-            st.close().await;
+        match &mut self.state {
+            ProberState::Postgres(st) => st.close().await,
+            ProberState::WalArchive(st) => st.close().await,
+            _ => {}
         }
     }
 }
@@ -173,7 +183,7 @@ impl Health {
                 metrics.set_check_state(&spec.name, &spec.service, pb::CheckState::Unknown);
                 let slot = CheckSlot {
                     spec: spec.clone(),
-                    prober: tokio::sync::Mutex::new(Prober::new(spec.probe.clone())),
+                    prober: tokio::sync::Mutex::new(Prober::new(spec.probe.clone(), spec.interval)),
                     latest: Mutex::new(latest),
                 };
                 (spec.name.clone(), slot)

@@ -2,7 +2,7 @@
 //! `[[smoke_tests]]` (all when none are named). Each test's outcome is returned as a
 //! `CheckResult` so drctl can show them like checks.
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dr_proto::pb;
 
@@ -36,7 +36,7 @@ pub async fn run(tests: &[SmokeTestSpec], names: &[String], ctx: &ActionCtx) -> 
         ctx.progress
             .report(format!("smoke test {}", t.name), i as u64, total);
         let started = Instant::now();
-        let mut prober = Prober::new(t.probe.clone());
+        let mut prober = Prober::new(t.probe.clone(), Duration::ZERO);
         let outcome = prober.run(t.timeout, &ctx.cancel).await;
         prober.close().await;
         results.push(pb::CheckResult {

@@ -69,15 +69,8 @@ impl PgState {
         Ok(text)
     }
 
-    /// Removes the URL's password from a message, whatever the driver put in it.
     fn scrub(&self, msg: String) -> String {
-        match PgConnectOptions::from_str(&self.url)
-            .ok()
-            .and_then(|_| password_of(&self.url))
-        {
-            Some(pw) if !pw.is_empty() => msg.replace(&pw, "***"),
-            _ => msg,
-        }
+        scrub_password(&self.url, msg)
     }
 
     /// Closes the kept connection politely (at shutdown).
@@ -85,6 +78,17 @@ impl PgState {
         if let Some(c) = self.conn.take() {
             let _ignored = c.close().await;
         }
+    }
+}
+
+/// Removes `url`'s password from a message, whatever the driver put in it.
+pub fn scrub_password(url: &str, msg: String) -> String {
+    match PgConnectOptions::from_str(url)
+        .ok()
+        .and_then(|_| password_of(url))
+    {
+        Some(pw) if !pw.is_empty() => msg.replace(&pw, "***"),
+        _ => msg,
     }
 }
 

@@ -50,7 +50,7 @@ fn pg_owner() -> Option<(nix::unistd::Uid, nix::unistd::Gid)> {
     Some((u.uid, u.gid))
 }
 
-fn chown(p: &Path) {
+pub fn chown(p: &Path) {
     if let Some((u, g)) = pg_owner() {
         nix::unistd::chown(p, Some(u), Some(g)).unwrap();
     }
