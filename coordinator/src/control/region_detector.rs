@@ -4,7 +4,8 @@
 //! Why these four conditions, all continuously for `detect_after`: a region is declared
 //! failed only when (1) this leader is outside it and a quorum confirmed its leadership
 //! recently (a majority, mostly outside the region, sees the cluster live); (2) no agent of
-//! the region has a live session; (3) the region's coordinators are unreachable; (4) the
+//! the region has a live session (open and heard from within `agents.down_after`: a
+//! partitioned or frozen host keeps its stream open and silent; seen in the demo's cut); (3) the region's coordinators are unreachable; (4) the
 //! candidate replica reports its WAL receiver is not streaming. Any one of them alone is
 //! ambiguous (an agent restart, a slow link, a replica restart).
 //!
@@ -95,12 +96,19 @@ impl RegionDetector {
             .registry
             .leadership_confirmed_within(now, self.ctx.config.raft.election_timeout_min);
         let views = self.ctx.registry.views();
+        // An open session is not a live agent: a partitioned (or frozen) host keeps its TCP
+        // stream open and silent, and the stream only breaks when keepalives give up. Live
+        // means heard from within `down_after`, as the failure detector judges hosts.
+        let down_after = self.ctx.config.agents.down_after;
+        let live = |v: &crate::registry::SessionView| {
+            v.connected && now.saturating_duration_since(v.last_heartbeat) < down_after
+        };
         for (name, cs) in &clusters {
             let region = spec.region_of(&cs.primary_host).to_owned();
             let members = member_facts(&self.ctx, &spec, name);
             let candidate = choose_candidate(&spec, name, &cs.primary_host, None, &members);
             let leader_outside = self.ctx.config.region != region && confirmed;
-            let agents_gone = !views.iter().any(|v| v.connected && v.info.region == region);
+            let agents_gone = !views.iter().any(|v| live(v) && v.info.region == region);
             let coordinators_gone = status
                 .members
                 .iter()
@@ -108,7 +116,7 @@ impl RegionDetector {
                 .all(|m| !m.reachable);
             let primary_gone = !views
                 .iter()
-                .any(|v| v.connected && v.host_id == cs.primary_host);
+                .any(|v| live(v) && v.host_id == cs.primary_host);
             let receiver_down = match &candidate {
                 Ok(c) => members
                     .iter()

@@ -7,9 +7,10 @@
 //! shortcut, so when the demo works, the pieces work together.
 //!
 //! The scenario is a list of steps ([`steps`]), each an async function over [`Demo`],
-//! printed as `==> step` with its duration. Later scenarios (PostgreSQL primary and
-//! replica, backups, regional failover) are added as more functions in `cmd/demo/` and
-//! more entries in [`scenario`].
+//! printed as `==> step` with its duration. The PostgreSQL scenarios (primary and replica,
+//! backup, planned switchover: [`pg`]; beijing cut off and the automatic failover with its
+//! RTO and RPO: [`regional`]) are more functions in `cmd/demo/` and more entries in
+//! [`scenario`].
 //!
 //! Invariant: every process the demo starts is owned by a [`ChildGuard`] in
 //! [`Demo::procs`]; dropping the `Demo` (normal exit, error, panic, Ctrl-C) stops them
@@ -29,6 +30,7 @@ use crate::client::Client;
 pub mod layout;
 pub mod pg;
 pub mod process;
+pub mod regional;
 pub mod steps;
 
 use layout::Layout;
@@ -46,12 +48,18 @@ pub struct Demo {
     pub agent_bin: PathBuf,
     /// Node killed by the failover step, restarted by the next one.
     pub killed: Option<u64>,
+    /// PIDs frozen (SIGSTOP) by the regional cut; thawed before anything is stopped.
+    pub frozen: Vec<i32>,
+    /// Figures printed once more at the end (RTO, RPO of the automatic failover).
+    pub results: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl Demo {
     /// Stops agents first, then coordinators (so agents do not log a storm of reconnects).
     pub fn stop_all(&mut self) {
+        // A stopped process ignores SIGTERM until continued.
+        regional::thaw(&mut self.frozen);
         let mut names: Vec<String> = self.procs.keys().cloned().collect();
         names.sort_by_key(|n| !n.starts_with("agent-"));
         for name in names {
@@ -124,9 +132,20 @@ pub fn scenario() -> Vec<(&'static str, StepFn)> {
             Box::pin(pg::backup(d))
         }),
         (
-            "regional failover with a writer running: drctl failover --to shanghai",
+            "planned switchover with a writer running: drctl failover --to shanghai",
             |d| Box::pin(pg::failover(d)),
         ),
+        (
+            "planned switchover back: drctl failover --to beijing",
+            |d| Box::pin(regional::switch_back(d)),
+        ),
+        (
+            "cut beijing off (its coordinator, agents and PostgreSQL) with a writer running: automatic failover",
+            |d| Box::pin(regional::cut_beijing(d)),
+        ),
+        ("beijing back: the old primary stays fenced", |d| {
+            Box::pin(regional::heal(d))
+        }),
     ]
 }
 
@@ -168,6 +187,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         coordinator_bin,
         agent_bin,
         killed: None,
+        frozen: Vec::new(),
+        results: Vec::new(),
         _tmp: tmp,
     };
 
@@ -181,6 +202,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         return Err(e);
     }
     println!("==> all steps passed in {}", secs(started.elapsed()));
+    for r in &demo.results {
+        println!("    {r}");
+    }
 
     if args.once {
         println!("==> stopping");

@@ -343,12 +343,13 @@ impl Layout {
     }
 
     pub fn drctl_toml(&self) -> String {
+        self.drctl_toml_with(&self.endpoints())
+    }
+
+    /// drctl's config with only these coordinators (an operator outside a cut-off region).
+    pub fn drctl_toml_with(&self, endpoints: &[String]) -> String {
         let tls = self.tls_dir();
-        let eps: Vec<String> = self
-            .endpoints()
-            .iter()
-            .map(|e| format!("\"{e}\""))
-            .collect();
+        let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
         format!(
             "# drctl configuration for the demo (format: deploy/examples/drctl.toml)\n\
              endpoints = [{}]\ntimeout = \"5s\"\n\n[tls]\nca = {}\ncert = {}\nkey = {}\n",

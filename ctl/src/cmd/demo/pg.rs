@@ -1,6 +1,7 @@
-//! The demo's regional failover: a PostgreSQL 15 primary (beijing, bj-db-1) and its
-//! streaming replica (shanghai, sh-db-1), a topology, a full backup, then a planned switchover
-//! to shanghai with a writer running, followed live.
+//! The demo's PostgreSQL part: a PostgreSQL 15 primary (beijing, bj-db-1) and its streaming
+//! replica (shanghai, sh-db-1), a topology, a full backup, then a planned switchover to
+//! shanghai with a writer running, followed live (the automatic failover after it is
+//! [`super::regional`]).
 //!
 //! Why the servers are started by the demo and not by the agents: an agent manages an
 //! existing server (start, stop, promote, re-attach) and never creates a cluster; creating
@@ -175,10 +176,13 @@ application_name = "{CLUSTER}"
 slots = {{ bj-db-1 = "{}", sh-db-1 = "{}" }}
 conninfo = {{ bj-db-1 = "host=127.0.0.1 port={} user=replicator", sh-db-1 = "host=127.0.0.1 port={} user=replicator" }}
 
+# Automatic, with the example's lease and detection time. The cooldown against flapping
+# (10m in production) is short here: the demo's planned switchovers come just before the cut.
 [failover]
-automatic = false
+automatic = true
+detect_after = "3s"
 lease = "4s"
-cooldown = "10m"
+cooldown = "2s"
 "#,
             self.primary.slot(),
             self.replica.slot(),
@@ -235,7 +239,7 @@ async fn run_pg(bin_dir: &Path, program: &str, args: &[String]) -> anyhow::Resul
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-async fn psql(bin_dir: &Path, port: u16, sql: &str) -> anyhow::Result<String> {
+pub(super) async fn psql(bin_dir: &Path, port: u16, sql: &str) -> anyhow::Result<String> {
     run_pg(
         bin_dir,
         "psql",
@@ -338,7 +342,10 @@ pub async fn start_pair(demo: &mut Demo) -> anyhow::Result<()> {
     .await?;
     let conf = "\n# drctl demo\nlisten_addresses = '127.0.0.1'\nwal_level = replica\n\
                 max_wal_senders = 10\nmax_replication_slots = 10\nhot_standby = on\n\
-                wal_keep_size = '256MB'\nfsync = off\n";
+                wal_keep_size = '256MB'\nfsync = off\n\
+                # A cut-off primary leaves the replica's connection open and silent: the\n\
+                # receiver notices (and the region detector sees it down) only after this.\n\
+                wal_receiver_timeout = '2s'\n";
     append(&p.data_dir().join("postgresql.conf"), conf)?;
     pg_ctl_start(bin, p).await?;
     psql(
@@ -431,7 +438,7 @@ async fn drctl(demo: &Demo, args: &[&str]) -> anyhow::Result<String> {
     Ok(text)
 }
 
-fn indent(text: &str) {
+pub(super) fn indent(text: &str) {
     for line in text.lines() {
         println!("    {line}");
     }
