@@ -4,3 +4,4 @@
 //! standalone `dr-agent restore`.
 
 mod t10_pitr;
+mod t20_cancel;

@@ -23,7 +23,7 @@ use tracing::info;
 const BJ: &str = "db-bj-1";
 const SH: &str = "db-sh-1";
 
-fn text(out: &Output) -> String {
+pub(crate) fn text(out: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -31,7 +31,7 @@ fn text(out: &Output) -> String {
     )
 }
 
-async fn run_ok(cmd: &mut Command, what: &str) -> Result<String> {
+pub(crate) async fn run_ok(cmd: &mut Command, what: &str) -> Result<String> {
     let out = tokio::time::timeout(Duration::from_secs(180), cmd.kill_on_drop(true).output())
         .await
         .with_context(|| format!("{what} did not finish within 180 s"))?
@@ -40,7 +40,7 @@ async fn run_ok(cmd: &mut Command, what: &str) -> Result<String> {
     Ok(text(&out))
 }
 
-async fn sql(url: &str, q: &str) -> Result<String> {
+pub(crate) async fn sql(url: &str, q: &str) -> Result<String> {
     let mut c = sqlx::PgConnection::connect(url).await?;
     let v: Option<String> = sqlx::query_scalar(q).fetch_one(&mut c).await?;
     Ok(v.unwrap_or_default())
@@ -67,7 +67,7 @@ async fn batch_and_archive(url: &str, batch: i32) -> Result<()> {
     archive(url).await
 }
 
-async fn archive(url: &str) -> Result<()> {
+pub(crate) async fn archive(url: &str) -> Result<()> {
     let seg = sql(url, "select pg_walfile_name(pg_switch_wal())").await?;
     for _ in 0..300 {
         let last = sql(
@@ -84,7 +84,7 @@ async fn archive(url: &str) -> Result<()> {
 }
 
 /// Stops a restored server by its data directory (pg_ctl as postgres; never by name).
-async fn stop_pg(dir: &Path) {
+pub(crate) async fn stop_pg(dir: &Path) {
     if !dir.join("postmaster.pid").exists() {
         return;
     }
@@ -107,7 +107,7 @@ fn results(op: &Value) -> Value {
     op.get("results").cloned().unwrap_or(Value::Null)
 }
 
-fn res(op: &Value, k: &str) -> String {
+pub(crate) fn res(op: &Value, k: &str) -> String {
     results(op)
         .get(k)
         .and_then(Value::as_str)
@@ -116,7 +116,7 @@ fn res(op: &Value, k: &str) -> String {
 }
 
 /// A directory the postgres user may create below.
-fn pg_parent(root: &Path, name: &str) -> Result<PathBuf> {
+pub(crate) fn pg_parent(root: &Path, name: &str) -> Result<PathBuf> {
     let d = root.join(name);
     std::fs::create_dir_all(&d)?;
     if nix::unistd::Uid::effective().is_root() {
