@@ -235,9 +235,11 @@ fn describe_reachable(archive: &WalArchive, bs: &[&BackupEntry], only_tl: Option
         .rev()
         .find(|l| l.first <= l.last)
         .map(|l| {
+            // The stop segment of the newest backup is archived a moment before the backup
+            // is recorded as finished: never show an end before the start of the range.
             format!(
                 "{} (newest archived WAL {} ends at LSN {})",
-                time_text(l.last_archived_unix_ms),
+                time_text(l.last_archived_unix_ms.max(newest.finished_at_unix_ms)),
                 seg_name(l.timeline, l.last),
                 lsn_text((l.last + 1) * SEG)
             )
