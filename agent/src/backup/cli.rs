@@ -36,10 +36,11 @@ use super::fileset::{FileRestoreOptions, FileSetOptions, restore_files, run_file
 use super::logical::{DumpOptions, RestoreLogicalOptions, resolve_kind, restore_dump, run_dump};
 use super::manifest::{BackupId, BackupKind};
 use super::repo::Repository;
+use super::repo_config::Location;
 use super::repo_config::RepoConfig;
 use super::verify::verify;
-use super::wal_fetch::wal_fetch;
-use super::wal_push::{PushOutcome, wal_push};
+use super::wal_fetch::{wal_fetch, wal_fetch_spooled};
+use super::wal_push::{PushOutcome, wal_push, wal_push_fs};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RepoArg {
@@ -329,6 +330,10 @@ pub fn main(cmd: Command) -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+    // The per-segment WAL commands' fast paths run before any runtime exists.
+    if let Some(code) = wal_fast_path(&cmd) {
+        return code;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -346,6 +351,47 @@ pub fn main(cmd: Command) -> ExitCode {
             eprintln!("dr-agent: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `wal-push` to an fs location, and a `wal-fetch` served from the spool, without an async
+/// runtime (PostgreSQL starts one process per segment; see `wal_push` and `wal_fetch` docs).
+/// None: take the general path.
+fn wal_fast_path(cmd: &Command) -> Option<ExitCode> {
+    let fail = |e: anyhow::Error| {
+        eprintln!("dr-agent: {e:#}");
+        Some(ExitCode::FAILURE)
+    };
+    match cmd {
+        Command::WalPush(a) => {
+            let cfg = match load(&a.repo) {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            if !matches!(cfg.location, Location::Fs { .. }) {
+                return None;
+            }
+            match wal_push_fs(&cfg, &a.path) {
+                Ok(_) => Some(ExitCode::SUCCESS),
+                Err(e) => {
+                    fail(anyhow::Error::new(e).context(format!("archive {}", a.path.display())))
+                }
+            }
+        }
+        Command::WalFetch(a) => {
+            let cfg = match load(&a.repo) {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            match wal_fetch_spooled(&cfg, &a.file_name, &a.dest) {
+                Ok(true) => Some(ExitCode::SUCCESS),
+                Ok(false) => None,
+                Err(e) => {
+                    fail(anyhow::Error::new(e).context(format!("fetch WAL file {}", a.file_name)))
+                }
+            }
+        }
+        _ => None,
     }
 }
 

@@ -143,6 +143,11 @@ impl RepoKey {
         hex::encode(self.check)
     }
 
+    /// An incremental keyed BLAKE3 (same result as [`RepoKey::hash`] of the whole input).
+    pub fn hasher(&self) -> blake3::Hasher {
+        blake3::Hasher::new_keyed(&self.id_key)
+    }
+
     /// Keyed BLAKE3 of `data`.
     pub fn hash(&self, data: &[u8]) -> ChunkId {
         ChunkId(*blake3::keyed_hash(&self.id_key, data).as_bytes())
@@ -196,7 +201,7 @@ impl RepoKey {
         self.seal_pieces(name, plain, hash, std::slice::from_ref(&c))
     }
 
-    fn seal_pieces(
+    pub(crate) fn seal_pieces(
         &self,
         name: &str,
         plain: &[u8],
@@ -294,7 +299,7 @@ thread_local! {
     static DCTX: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
-fn compress(plain: &[u8], level: i32) -> BackupResult<Vec<u8>> {
+pub(crate) fn compress(plain: &[u8], level: i32) -> BackupResult<Vec<u8>> {
     let err = |e| BackupError::io("zstd compress", e);
     CCTX.with(|c| {
         let mut c = c.borrow_mut();

@@ -149,6 +149,24 @@ pub fn operator(location: &Location) -> BackupResult<Operator> {
     })
 }
 
+/// Format version, chunk size and key check of the repository `config` object.
+fn check_meta(raw: &[u8], key: &RepoKey) -> BackupResult<()> {
+    let meta: RepoMeta = serde_json::from_slice(raw).map_err(|e| BackupError::Corrupt {
+        key: CONFIG_OBJECT.into(),
+        reason: e.to_string(),
+    })?;
+    if meta.format_version != FORMAT_VERSION || meta.chunk_size != CHUNK_SIZE {
+        return Err(BackupError::Unsupported(format!(
+            "repository format {} with chunk size {}",
+            meta.format_version, meta.chunk_size
+        )));
+    }
+    if meta.key_check != key.check_value() {
+        return Err(BackupError::WrongKey);
+    }
+    Ok(())
+}
+
 fn not_found(e: &opendal::Error) -> bool {
     e.kind() == ErrorKind::NotFound
 }
@@ -191,19 +209,7 @@ impl Repository {
             Err(e) if not_found(&e) => return Err(BackupError::NotInitialised),
             Err(e) => return Err(e.into()),
         };
-        let meta: RepoMeta = serde_json::from_slice(&raw).map_err(|e| BackupError::Corrupt {
-            key: CONFIG_OBJECT.into(),
-            reason: e.to_string(),
-        })?;
-        if meta.format_version != FORMAT_VERSION || meta.chunk_size != CHUNK_SIZE {
-            return Err(BackupError::Unsupported(format!(
-                "repository format {} with chunk size {}",
-                meta.format_version, meta.chunk_size
-            )));
-        }
-        if meta.key_check != key.check_value() {
-            return Err(BackupError::WrongKey);
-        }
+        check_meta(&raw, &key)?;
         let fs_root = match &cfg.location {
             Location::Fs { path } => Some(path.clone()),
             _ => None,
@@ -214,6 +220,32 @@ impl Repository {
             cfg: cfg.clone(),
             fs_root,
         })
+    }
+
+    /// The blocking check of an fs location for the one-shot WAL commands (`wal-push`), which
+    /// run without an async runtime: the key file and the repository `config`, exactly as
+    /// [`Repository::open`] checks them. Returns the root directory and the key.
+    pub fn open_fs_blocking(cfg: &RepoConfig) -> BackupResult<(PathBuf, RepoKey)> {
+        let Location::Fs { path } = &cfg.location else {
+            return Err(BackupError::Invalid(
+                "open_fs_blocking needs an fs location".into(),
+            ));
+        };
+        let key = RepoKey::load(&cfg.key_file)?;
+        let raw = match std::fs::read(path.join(CONFIG_OBJECT)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(BackupError::NotInitialised);
+            }
+            Err(e) => {
+                return Err(BackupError::io(
+                    format!("read {}", path.join(CONFIG_OBJECT).display()),
+                    e,
+                ));
+            }
+        };
+        check_meta(&raw, &key)?;
+        Ok((path.clone(), key))
     }
 
     pub fn config(&self) -> &RepoConfig {

@@ -27,6 +27,7 @@ use futures::StreamExt;
 use tracing::{debug, warn};
 
 use super::repo::{MAX_WAL_SIZE, Repository};
+use super::repo_config::RepoConfig;
 use super::wal_push::wal_object_name;
 use super::{BackupError, BackupResult, blocking};
 
@@ -87,6 +88,32 @@ pub async fn wal_fetch(repo: &Repository, file_name: &str, dest: &Path) -> Backu
         return found;
     }
     fetch_to(repo, &name, dest).await
+}
+
+/// The spool hit, before any runtime or repository is opened (the spool holds only verified
+/// segments, so a hit needs neither the key nor the location): rename the spooled file to
+/// `dest`, record replay's position and make sure a prefetcher runs. Ok(false): not spooled
+/// (or no spool configured, or we are the prefetcher), the caller takes the full path.
+pub fn wal_fetch_spooled(cfg: &RepoConfig, file_name: &str, dest: &Path) -> BackupResult<bool> {
+    let Some(spool) = &cfg.spool_dir else {
+        return Ok(false);
+    };
+    if std::env::var_os(PREFETCH_ENV).is_some() {
+        return Ok(false);
+    }
+    wal_object_name(file_name)?;
+    let spooled = spool.join(file_name);
+    match std::fs::rename(&spooled, dest) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        // Another filesystem (EXDEV): the async path copies.
+        Err(_) => return Ok(false),
+    }
+    record_position(spool, file_name);
+    let window = next_segments(file_name, cfg.wal_prefetch).unwrap_or_default();
+    kick_prefetcher(spool, &window);
+    debug!(wal = file_name, "served from the prefetch spool");
+    Ok(true)
 }
 
 /// Tell the prefetcher where replay is (temp file + rename: it never reads half a name).
