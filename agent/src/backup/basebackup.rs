@@ -20,9 +20,11 @@
 //! Cancel safety: cancelling (token or dropping the future) uploads no manifest, so no catalog
 //! entry appears; the chunks already uploaded are orphans for `repo prune`.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use futures::{StreamExt, TryStreamExt};
@@ -51,6 +53,8 @@ struct ChunkJob {
     file: usize,
     index: usize,
     path: Arc<PathBuf>,
+    /// The file's chunks need the configured zstd level (see `key::RepoKey::seal_adaptive`).
+    poor: Arc<AtomicBool>,
 }
 
 /// Take a backup and write its manifest. Returns the manifest.
@@ -289,6 +293,7 @@ async fn copy_data_dir(
                         let n = usize::try_from(size.div_ceil(CHUNK_SIZE as u64))
                             .map_err(|_| BackupError::Invalid("file too large".into()))?;
                         let path = Arc::new(f.abs.clone());
+                        let poor = Arc::new(AtomicBool::new(false));
                         let file = entries.len();
                         pending.insert(file, vec![None; n]);
                         for index in 0..n {
@@ -296,6 +301,7 @@ async fn copy_data_dir(
                                 file,
                                 index,
                                 path: path.clone(),
+                                poor: poor.clone(),
                             });
                         }
                         EntryKind::File {
@@ -328,23 +334,27 @@ async fn copy_data_dir(
                     return Err(BackupError::Cancelled);
                 }
                 let path = job.path.clone();
+                let poor = job.poor.clone();
                 let offset = (job.index * CHUNK_SIZE) as u64;
                 let k = repo.key().clone();
                 let sk = sink.clone();
                 let r = blocking(move || {
-                    let data = read_chunk(&path, offset)?;
-                    if data.is_empty() {
-                        return Ok(None);
-                    }
-                    let id = k.hash(&data);
-                    // Known: in the parent, or stored earlier in this run; then no storage
-                    // round trip at all.
-                    let is_known = known.lock().map(|s| s.contains(&id)).unwrap_or(false);
-                    let stored = sk.put_blocking(id, &data, is_known)?;
-                    if let Ok(mut s) = known.lock() {
-                        s.insert(id);
-                    }
-                    Ok(Some((id, data.len(), stored)))
+                    READ_BUF.with(|b| {
+                        let mut buf = b.borrow_mut();
+                        let data = read_chunk(&path, offset, &mut buf)?;
+                        if data.is_empty() {
+                            return Ok(None);
+                        }
+                        let id = k.hash(data);
+                        // Known: in the parent, or stored earlier in this run; then no
+                        // storage round trip at all.
+                        let is_known = known.lock().map(|s| s.contains(&id)).unwrap_or(false);
+                        let stored = sk.put_blocking(id, data, is_known, &poor)?;
+                        if let Ok(mut s) = known.lock() {
+                            s.insert(id);
+                        }
+                        Ok(Some((id, data.len(), stored)))
+                    })
                 })
                 .await?;
                 let r = match r {
@@ -407,15 +417,27 @@ async fn copy_data_dir(
     Ok((entries, stats))
 }
 
-/// Read up to one chunk at `offset`; a vanished file reads as empty (WAL replay recreates or
-/// drops it).
-fn read_chunk(path: &std::path::Path, offset: u64) -> BackupResult<Vec<u8>> {
+thread_local! {
+    /// One chunk buffer per backup worker thread, reused (a fresh zeroed 1 MiB per chunk
+    /// cost a page-fault storm or a memset each time).
+    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Read up to one chunk at `offset` into `buf`; a vanished file reads as empty (WAL replay
+/// recreates or drops it).
+fn read_chunk<'a>(
+    path: &std::path::Path,
+    offset: u64,
+    buf: &'a mut Vec<u8>,
+) -> BackupResult<&'a [u8]> {
     let f = match std::fs::File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(&[]),
         Err(e) => return Err(BackupError::io(format!("open {}", path.display()), e)),
     };
-    let mut buf = vec![0u8; CHUNK_SIZE];
+    if buf.len() != CHUNK_SIZE {
+        buf.resize(CHUNK_SIZE, 0);
+    }
     let mut filled = 0;
     while filled < CHUNK_SIZE {
         match f.read_at(&mut buf[filled..], offset + filled as u64) {
@@ -425,8 +447,7 @@ fn read_chunk(path: &std::path::Path, offset: u64) -> BackupResult<Vec<u8>> {
             Err(e) => return Err(BackupError::io(format!("read {}", path.display()), e)),
         }
     }
-    buf.truncate(filled);
-    Ok(buf)
+    Ok(&buf[..filled])
 }
 
 #[cfg(test)]

@@ -473,17 +473,27 @@ impl ChunkSink {
     /// Store one chunk whose id the caller computed, unless it is `known` or already stored.
     /// Blocking (fs I/O and CPU): call from `spawn_blocking`. On fs the chunk is written here;
     /// on a remote location the sealed chunk comes back as [`Stored::Upload`] for the caller
-    /// to upload (with [`ChunkSink::upload`]) from async code.
-    pub fn put_blocking(&self, id: ChunkId, plain: &[u8], known: bool) -> BackupResult<Stored> {
+    /// to upload (with [`ChunkSink::upload`]) from async code. Compression is adaptive
+    /// ([`RepoKey::seal_adaptive`]); `poor` is the file's flag for it.
+    pub fn put_blocking(
+        &self,
+        id: ChunkId,
+        plain: &[u8],
+        known: bool,
+        poor: &std::sync::atomic::AtomicBool,
+    ) -> BackupResult<Stored> {
         if known {
             return Ok(Stored::Skipped);
         }
         let name = id.object_name();
         let Some(root) = &self.repo.fs_root else {
-            let sealed =
-                self.repo
-                    .key
-                    .seal_hashed(&name, plain, id, self.repo.cfg.compression_level)?;
+            let sealed = self.repo.key.seal_adaptive(
+                &name,
+                plain,
+                id,
+                self.repo.cfg.compression_level,
+                poor,
+            )?;
             return Ok(Stored::Upload(name, sealed));
         };
         let dest = root.join(&name);
@@ -493,7 +503,7 @@ impl ChunkSink {
         let sealed =
             self.repo
                 .key
-                .seal_hashed(&name, plain, id, self.repo.cfg.compression_level)?;
+                .seal_adaptive(&name, plain, id, self.repo.cfg.compression_level, poor)?;
         let tmp_dir = root.join(".tmp");
         let tmp = tmp_dir.join(format!("{id}.{:016x}", rand::random::<u64>()));
         let write = |p: &Path| -> std::io::Result<()> {
