@@ -21,7 +21,7 @@ use crate::Ctx;
 use crate::control::failover::choose_candidate;
 use crate::control::plan_executor::member_facts;
 use crate::state::operations::plans::{
-    failback_switchover, planned_switchover, unplanned_failover,
+    failback_switchover, planned_switchover, split_traffic, unplanned_failover,
 };
 use crate::state::operations::{NewOperation, Operation, OpsCommand};
 use crate::state::topology_spec::{RegionKind, TopologySpec, diff};
@@ -159,6 +159,15 @@ impl OperationsApi {
         } else {
             req.reason.clone()
         };
+        let percent = match req.traffic_percentage {
+            0 => 100,
+            p => p,
+        };
+        if req.force && percent != 100 {
+            return Err(ApiError::InvalidArgument(format!(
+                "--percentage {percent} needs a planned switchover: in a forced failover {from} cannot be reached, so it cannot keep a share of the traffic"
+            )));
+        }
         let op = if req.force {
             warnings.push(format!(
                 "forced failover: the old primary {} is not stopped cleanly; writes it acknowledged after {candidate}'s replay position are lost (estimated {loss} bytes of WAL{})",
@@ -236,6 +245,16 @@ impl OperationsApi {
                 )
             }
         };
+        let mut op = op;
+        if percent != 100 {
+            split_traffic(spec, &mut op, from, &req.to_region, percent)
+                .map_err(ApiError::InvalidArgument)?;
+            warnings.push(format!(
+                "traffic: {} gets {percent} %, {from} keeps {} % (the database moves entirely: {from}'s share writes to the new primary across regions)",
+                req.to_region,
+                100 - percent
+            ));
+        }
         Ok((op, loss, warnings))
     }
 }

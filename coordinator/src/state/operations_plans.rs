@@ -72,16 +72,75 @@ fn generic(verb: &str, args: &[(&str, &str)]) -> ActionTemplate {
 
 /// The traffic plan sending everything to `to` (JSON for `traffic.apply`).
 pub fn traffic_plan_json(endpoints: &BTreeMap<String, Vec<String>>, to: &str) -> String {
+    traffic_split_json(endpoints, to, "", 100)
+}
+
+/// The traffic plan giving `to` `percent` % and `rest_to` the rest (every other region 0).
+fn traffic_split_json(
+    endpoints: &BTreeMap<String, Vec<String>>,
+    to: &str,
+    rest_to: &str,
+    percent: u32,
+) -> String {
     let regions: serde_json::Map<String, serde_json::Value> = endpoints
         .iter()
         .map(|(r, eps)| {
+            let weight = if r == to {
+                percent
+            } else if r == rest_to {
+                100 - percent
+            } else {
+                0
+            };
             (
                 r.clone(),
-                serde_json::json!({ "endpoints": eps, "weight": if r == to { 100 } else { 0 } }),
+                serde_json::json!({ "endpoints": eps, "weight": weight }),
             )
         })
         .collect();
     serde_json::json!({ "regions": regions }).to_string()
+}
+
+/// `drctl failover --percentage N` (the DRP's `enable-traffic --percentage N`): every traffic
+/// step of a planned switchover gives `to` N % and the region being left (`from`) the rest,
+/// instead of 100 / 0. Providers map it as they can (nginx weights; DNS has no weights and
+/// keeps every address of a region with a share, docs/failover.md). Refused for a provider
+/// without endpoints in `from`: the rest would have nowhere to go.
+pub fn split_traffic(
+    spec: &TopologySpec,
+    op: &mut NewOperation,
+    from: &str,
+    to: &str,
+    percent: u32,
+) -> Result<(), String> {
+    if !(1..=100).contains(&percent) {
+        return Err(format!(
+            "--percentage must be 1..=100 (the share of traffic for {to}), got {percent}"
+        ));
+    }
+    for t in spec.traffic.iter().filter(|t| t.endpoints.contains_key(to)) {
+        if percent < 100 && !t.endpoints.contains_key(from) {
+            return Err(format!(
+                "traffic provider `{}` has no endpoints in {from}: the other {} % have nowhere to go; use --percentage 100 or add {from}'s endpoints to the topology",
+                t.name,
+                100 - percent
+            ));
+        }
+        let name = format!("traffic_{}", t.name);
+        for step in op.steps.iter_mut().filter(|s| s.name == name) {
+            if let StepKind::Agent {
+                action: ActionTemplate::Generic { args, .. },
+                ..
+            } = &mut step.kind
+            {
+                args.insert(
+                    "plan".into(),
+                    traffic_split_json(&t.endpoints, to, from, percent),
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Roles of the services' hosts, deduplicated ("app", "gateway" ...), and per role the

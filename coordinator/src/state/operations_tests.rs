@@ -483,3 +483,38 @@ fn failback_rejoins_and_catches_up_before_the_switchover() {
     assert_eq!(h, "bj-db-1");
     assert!(a.contains("0/4000000"), "{a}");
 }
+
+#[test]
+fn percentage_splits_every_traffic_step_between_new_and_old_region() {
+    let w = World::new();
+    let spec = w.spec();
+    assert!(
+        !spec.traffic.is_empty(),
+        "the example has traffic providers"
+    );
+    let cs = w.state.ops.clusters["yeslocker"].clone();
+    let mut op = planned_switchover(&spec, &cs, "yeslocker", "shanghai", "sh-db-1", "t", "r");
+    super::plans::split_traffic(&spec, &mut op, "beijing", "shanghai", 30).expect("split");
+    let plans: Vec<serde_json::Value> = op
+        .steps
+        .iter()
+        .filter(|s| s.name.starts_with("traffic_"))
+        .filter_map(|s| match &s.kind {
+            StepKind::Agent {
+                action: ActionTemplate::Generic { args, .. },
+                ..
+            } => serde_json::from_str(&args["plan"]).ok(),
+            _ => None,
+        })
+        .collect();
+    assert!(!plans.is_empty());
+    for p in &plans {
+        assert_eq!(p["regions"]["shanghai"]["weight"], 30, "{p}");
+        assert_eq!(p["regions"]["beijing"]["weight"], 70, "{p}");
+    }
+    for bad in [0, 101] {
+        let e = super::plans::split_traffic(&spec, &mut op, "beijing", "shanghai", bad)
+            .expect_err("out of range");
+        assert!(e.contains("1..=100"), "{e}");
+    }
+}

@@ -1,4 +1,5 @@
-//! `drctl failover --to REGION [--cluster NAME] [--dry-run] [--wait] [--force [--yes]]`.
+//! `drctl failover --to REGION [--cluster NAME] [--percentage N] [--dry-run] [--wait]
+//! [--force [--yes]]`.
 //!
 //! Without `--force` this is a planned switchover (nothing lost); with it an emergency
 //! failover that states the estimated data loss and asks for confirmation (unless `--yes`),
@@ -37,6 +38,11 @@ pub struct FailoverArgs {
     pub yes: bool,
     #[arg(long, default_value = "")]
     pub reason: String,
+    /// Share of the traffic providers' traffic for the new region, 1-100 (default 100); the
+    /// region being left keeps the rest. nginx maps it to upstream weights; DNS has no
+    /// weights, so every region with a share keeps all its addresses (docs/failover.md).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub percentage: Option<u32>,
 }
 
 pub async fn run(client: &Client, args: FailoverArgs, format: OutputFormat) -> anyhow::Result<()> {
@@ -48,6 +54,7 @@ pub async fn run(client: &Client, args: FailoverArgs, format: OutputFormat) -> a
         force: args.force,
         request_id: request_id.clone(),
         reason: args.reason.clone(),
+        traffic_percentage: args.percentage.unwrap_or(0),
     };
     let call = |req: pb::StartFailoverRequest| {
         client.call_service("failover", OperationsServiceClient::new, move |mut c| {

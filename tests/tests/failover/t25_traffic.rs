@@ -477,5 +477,135 @@ async fn scenario(
         .rfind(|o| o["kind"] == "switchover")
         .context("a switchover operation")?;
     assert_eq!(op["state"], "succeeded", "{op}");
+
+    partial_switch_back(cluster, (bj_backend, sh_backend), lb, named, gw_file).await
+}
+
+/// `drctl failover --to beijing --percentage 75`: the database moves back entirely, traffic
+/// splits 75 / 25. nginx weights the two servers (both up), DNS (no weights) keeps both
+/// addresses, the gateway hook gets the percentages; a forced failover refuses a split.
+async fn partial_switch_back(
+    cluster: &TestCluster,
+    (bj_backend, sh_backend): (&str, &str),
+    lb: &Lb,
+    named: &Named,
+    gw_file: &Path,
+) -> Result<()> {
+    info!("--- a split is refused where the old region cannot keep a share");
+    let out = cluster
+        .drctl([
+            "failover",
+            "--to",
+            "beijing",
+            "--percentage",
+            "75",
+            "--force",
+            "--yes",
+            "--dry-run",
+        ])
+        .await?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "forced split accepted:\n{text}");
+    assert!(text.contains("needs a planned switchover"), "{text}");
+    let out = cluster
+        .drctl([
+            "failover",
+            "--to",
+            "beijing",
+            "--percentage",
+            "0",
+            "--dry-run",
+        ])
+        .await?;
+    assert!(!out.status.success(), "--percentage 0 accepted");
+
+    info!("--- beijing streams again, then drctl failover --to beijing --percentage 75");
+    wait_until(
+        "bj-db-1 reports streaming",
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        || async {
+            let agents = cluster.agents_at_leader().await?;
+            Ok(agents
+                .iter()
+                .any(|a| a["host_id"] == "bj-db-1" && a.to_string().contains("streaming"))
+                .then_some(()))
+        },
+    )
+    .await?;
+    let out = cluster
+        .drctl([
+            "failover",
+            "--to",
+            "beijing",
+            "--percentage",
+            "75",
+            "--wait",
+        ])
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    info!(%stdout, %stderr, "partial failover output");
+    assert!(out.status.success(), "failover failed:\n{stdout}\n{stderr}");
+    assert!(
+        format!("{stdout}{stderr}").contains("beijing gets 75 %, shanghai keeps 25 %"),
+        "no split warning:\n{stdout}\n{stderr}"
+    );
+
+    info!("--- nginx: both servers up, weighted 75 / 25 (reduced to 3 / 1), requests reach both");
+    let upstream = std::fs::read_to_string(&lb.upstream_file)?;
+    info!(%upstream, "nginx upstream file");
+    let line = |b: &str| {
+        upstream
+            .lines()
+            .find(|l| l.contains(b))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (bj_line, sh_line) = (line(bj_backend), line(sh_backend));
+    assert!(
+        bj_line.contains("weight=3") && !bj_line.contains("down"),
+        "{upstream}"
+    );
+    assert!(
+        sh_line.contains("weight=1") && !sh_line.contains("down"),
+        "{upstream}"
+    );
+    let (mut n_bj, mut n_sh) = (0, 0);
+    for _ in 0..40 {
+        match get(lb.port).await.as_deref() {
+            Some("beijing") => n_bj += 1,
+            Some("shanghai") => n_sh += 1,
+            other => bail!("unexpected answer through nginx: {other:?}"),
+        }
+    }
+    info!(n_bj, n_sh, "40 requests through nginx");
+    // One worker, smooth weighted round robin: 30 / 10; a margin for a reload mid-count.
+    assert!(n_bj >= 25 && n_sh >= 5, "beijing {n_bj}, shanghai {n_sh}");
+
+    info!("--- DNS has no weights: both addresses in the record set");
+    wait_until(
+        "dig answers both regions",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || async {
+            let mut v = dig(named.port).await.unwrap_or_default();
+            v.sort();
+            let mut want = vec![BJ_IP.to_owned(), SH_IP.to_owned()];
+            want.sort();
+            Ok((v == want).then_some(()))
+        },
+    )
+    .await?;
+
+    info!("--- the gateway hook got the percentages");
+    let gw = std::fs::read_to_string(gw_file)?;
+    info!(%gw, "gateway upstream");
+    assert!(gw.contains("beijing=75"), "{gw}");
+    assert!(gw.contains("shanghai=25"), "{gw}");
     Ok(())
 }
