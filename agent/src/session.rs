@@ -479,6 +479,13 @@ impl SessionTask {
                         }
                         Some(In::Cancel(c)) => self.executor.cancel(&c.key, &c.reason),
                         Some(In::Lease(grant)) => self.on_lease(&grant),
+                        Some(In::Revocations(r)) => {
+                            // A rotated coordinator's old certificate: refused from now on,
+                            // and a session open with it (maybe this one) is closed.
+                            let n = r.sha256.len();
+                            let cut = self.tls.set_revoked(r.sha256.into_iter().collect());
+                            info!(revoked = n, closed = cut, "coordinator certificate revocations applied");
+                        }
                         Some(In::Welcome(w)) => {
                             self.on_welcome(endpoint, &w);
                             tick = tokio::time::interval(self.heartbeat_interval);

@@ -37,6 +37,16 @@ pub struct Ctx {
     pub metrics: Arc<metrics::Metrics>,
     /// Failover leader memory: the lease book (see [`control::failover`]).
     pub ops: control::failover::OpsMemory,
+    /// This node's TLS layers: the coordinator certificate rotation reloads them at once
+    /// (before its old certificate is revoked), and revocations apply to both.
+    pub tls: TlsHandles,
+}
+
+/// The server side (every port) and the client side (Raft peers, forwarding) of this node.
+#[derive(Clone)]
+pub struct TlsHandles {
+    pub server: dr_proto::tls::ServerTls,
+    pub client: dr_proto::tls::ClientTls,
 }
 
 pub use server::run;

@@ -91,7 +91,7 @@ async fn run_inner(
 
     // --- Raft
     let raft_cancel = root.child_token();
-    let node = RaftNode::start(&config, client_tls, raft_cancel.clone())
+    let node = RaftNode::start(&config, client_tls.clone(), raft_cancel.clone())
         .await
         .context("start raft node")?;
     let metrics = Arc::new(Metrics::new());
@@ -101,6 +101,10 @@ async fn run_inner(
         registry: crate::registry::Registry::new(),
         metrics: metrics.clone(),
         ops: Default::default(),
+        tls: crate::TlsHandles {
+            server: server_tls.clone(),
+            client: client_tls.clone(),
+        },
     });
 
     // --- metrics

@@ -18,5 +18,6 @@ pub mod pb {
 }
 
 pub mod audit_chain;
+pub mod cert_rotation;
 pub mod identity;
 pub mod tls;

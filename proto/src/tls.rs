@@ -13,6 +13,7 @@
 //! rides on each request as a [`PeerInfo`] extension, and [`peer_identity`] reads it.
 //! Authorisation itself lives with each service, which knows what a call needs.
 
+use std::future::Future as _;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -337,18 +338,147 @@ const REFUSALS_BUFFERED: usize = 10_000;
 /// and the refusal record is per source address. A revoked certificate completes the
 /// handshake and is refused before any request is read, exactly like a peer of a foreign
 /// trust domain.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct PeerGuard {
-    revoked: ArcSwap<std::collections::HashSet<String>>,
+    revoked: Arc<Revocations>,
     refusals: Mutex<std::collections::VecDeque<RefusedHandshake>>,
 }
 
-impl Default for PeerGuard {
-    fn default() -> Self {
-        PeerGuard {
-            revoked: ArcSwap::from_pointee(std::collections::HashSet::new()),
-            refusals: Mutex::new(std::collections::VecDeque::new()),
+/// The revoked set plus every live connection's peer fingerprint, so that revoking a
+/// certificate also CUTS the connections already open with it (on both sides: a server
+/// cuts clients, a client cuts the coordinator it is connected to).
+///
+/// Why cut and not only refuse new handshakes: an attacker holding a stolen key keeps
+/// an established session for as long as it likes; revocation must end it now.
+#[derive(Debug, Default)]
+struct Revocations {
+    revoked: ArcSwap<std::collections::HashSet<String>>,
+    live: Mutex<std::collections::HashMap<u64, (String, CancellationToken)>>,
+    next: AtomicU64,
+}
+
+impl Revocations {
+    fn is_revoked(&self, fingerprint: &str) -> bool {
+        self.revoked.load().contains(fingerprint)
+    }
+
+    /// Stores the set and cuts every live connection whose peer is now revoked; returns
+    /// how many were cut.
+    fn set(&self, revoked: std::collections::HashSet<String>) -> usize {
+        self.revoked.store(Arc::new(revoked));
+        let set = self.revoked.load();
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cut = 0;
+        for (fp, token) in live.values() {
+            if set.contains(fp) && !token.is_cancelled() {
+                token.cancel();
+                cut += 1;
+            }
         }
+        cut
+    }
+
+    fn register(self: &Arc<Self>, fingerprint: String) -> LiveConn {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        // Revoked between the handshake check and here: born cut.
+        if self.is_revoked(&fingerprint) {
+            token.cancel();
+        }
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (fingerprint, token.clone()));
+        LiveConn {
+            id,
+            cut: Box::pin(token.cancelled_owned()),
+            revs: Arc::clone(self),
+        }
+    }
+}
+
+/// One registered connection; unregisters itself when dropped.
+struct LiveConn {
+    id: u64,
+    cut: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    revs: Arc<Revocations>,
+}
+
+impl LiveConn {
+    /// Ready (with the error the I/O call returns) once the peer's certificate is revoked.
+    /// Polling it registers the waker, so a connection idle in `poll_read` wakes up.
+    fn poll_cut(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        match self.cut.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the peer's certificate was revoked: connection closed",
+            )),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for LiveConn {
+    fn drop(&mut self) {
+        self.revs
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// A stream that fails every read and write once its peer's certificate is revoked.
+pub struct Revocable<S> {
+    inner: S,
+    live: LiveConn,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Revocable<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Poll::Ready(e) = self.live.poll_cut(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Revocable<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(e) = self.live.poll_cut(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Poll::Ready(e) = self.live.poll_cut(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(e) = self.live.poll_cut(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
@@ -408,15 +538,15 @@ impl ServerTls {
     }
 
     /// Replaces the set of revoked certificates (hex SHA-256 of the DER, see
-    /// [`cert_sha256_hex`]). New connections presenting one are refused; established
-    /// connections are not touched.
-    pub fn set_revoked(&self, revoked: std::collections::HashSet<String>) {
-        self.guard.revoked.store(Arc::new(revoked));
+    /// [`cert_sha256_hex`]). New connections presenting one are refused, and established
+    /// connections of a now revoked client are closed. Returns how many were closed.
+    pub fn set_revoked(&self, revoked: std::collections::HashSet<String>) -> usize {
+        self.guard.revoked.set(revoked)
     }
 
     /// How many certificates are revoked now.
     pub fn revoked_count(&self) -> usize {
-        self.guard.revoked.load().len()
+        self.guard.revoked.revoked.load().len()
     }
 
     /// Takes the refused handshakes recorded since the last call (oldest first).
@@ -502,7 +632,7 @@ impl ServerTls {
                 format!("identity {id} is not of trust domain {ours}"),
             );
         }
-        if self.guard.revoked.load().contains(&fingerprint) {
+        if self.guard.revoked.is_revoked(&fingerprint) {
             // Not a port scan: someone holds a certificate we revoked. Worth a log line.
             warn!(peer = %peer, identity = %id, sha256 = %&fingerprint[..16], "refused a revoked certificate");
             return refuse(
@@ -514,8 +644,12 @@ impl ServerTls {
             );
         }
         self.stats.handshakes_ok.fetch_add(1, Ordering::Relaxed);
+        let live = self.guard.revoked.register(fingerprint);
         Ok(TlsConn {
-            stream,
+            stream: Revocable {
+                inner: stream,
+                live,
+            },
             info: PeerInfo {
                 remote_addr: remote,
                 id,
@@ -533,7 +667,7 @@ pub struct PeerInfo {
 
 /// A server-side TLS stream whose peer has been authenticated.
 pub struct TlsConn {
-    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    stream: Revocable<tokio_rustls::server::TlsStream<TcpStream>>,
     info: PeerInfo,
 }
 
@@ -680,6 +814,7 @@ pub fn incoming(
 #[derive(Clone)]
 pub struct ClientTls {
     inner: Arc<Reloading<ClientConfig>>,
+    revoked: Arc<Revocations>,
 }
 
 /// Verifies the chain and name like any TLS client, then also requires the server's
@@ -796,7 +931,21 @@ impl ClientTls {
     pub fn load(paths: &TlsPaths) -> Result<ClientTls, TlsError> {
         Ok(ClientTls {
             inner: Arc::new(Reloading::load(paths, build_client)?),
+            revoked: Arc::default(),
         })
+    }
+
+    /// Replaces the set of coordinator certificates this client refuses (hex SHA-256 of
+    /// the DER). A server presenting one is refused after the handshake, and established
+    /// connections to it are closed (returns how many). Agents learn the set from their
+    /// session, coordinators from the Raft state.
+    pub fn set_revoked(&self, revoked: std::collections::HashSet<String>) -> usize {
+        self.revoked.set(revoked)
+    }
+
+    /// How many certificates are revoked for this client now.
+    pub fn revoked_count(&self) -> usize {
+        self.revoked.revoked.load().len()
     }
 
     pub fn reload(&self) -> Result<bool, TlsError> {
@@ -817,7 +966,9 @@ impl ClientTls {
         endpoint: &str,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TlsError> {
         let (host, port) = parse_endpoint(endpoint)?;
-        connect_tls(self.inner.current.load_full(), &host, port).await
+        connect_tls(self.inner.current.load_full(), &self.revoked, &host, port)
+            .await
+            .map(|s| s.inner)
     }
 
     /// A gRPC channel to `endpoint`. It connects lazily, and each new connection uses the
@@ -876,8 +1027,10 @@ impl ClientTls {
     + Send
     + 'static {
         let inner = Arc::clone(&self.inner);
+        let revoked = Arc::clone(&self.revoked);
         tower::service_fn(move |uri: http::Uri| {
             let config = inner.current.load_full();
+            let revoked = Arc::clone(&revoked);
             Box::pin(async move {
                 let host = uri
                     .host()
@@ -889,7 +1042,7 @@ impl ClientTls {
                     .trim_end_matches(']')
                     .to_string();
                 let port = uri.port_u16().unwrap_or(443);
-                let stream = connect_tls(config, &host, port).await?;
+                let stream = connect_tls(config, &revoked, &host, port).await?;
                 Ok(hyper_util::rt::TokioIo::new(stream))
             }) as ConnectFuture
         })
@@ -910,14 +1063,15 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
-type ClientIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+type ClientIo = hyper_util::rt::TokioIo<Revocable<tokio_rustls::client::TlsStream<TcpStream>>>;
 type ConnectFuture = Pin<Box<dyn std::future::Future<Output = Result<ClientIo, TlsError>> + Send>>;
 
 async fn connect_tls(
     config: Arc<ClientConfig>,
+    revoked: &Arc<Revocations>,
     host: &str,
     port: u16,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TlsError> {
+) -> Result<Revocable<tokio_rustls::client::TlsStream<TcpStream>>, TlsError> {
     let peer = format!("{host}:{port}");
     let tcp = TcpStream::connect((host, port))
         .await
@@ -938,7 +1092,29 @@ async fn connect_tls(
     )
     .await
     {
-        Ok(Ok(s)) => Ok(s),
+        Ok(Ok(s)) => {
+            // The verifier has checked chain, name and coordinator identity; the
+            // revocation set is checked here (it changes without a config rebuild).
+            let fingerprint = s
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| cert_sha256_hex(c))
+                .unwrap_or_default();
+            if revoked.is_revoked(&fingerprint) {
+                warn!(peer = %peer, sha256 = %&fingerprint[..16], "refused a coordinator presenting a revoked certificate");
+                return Err(TlsError::PeerRefused {
+                    peer,
+                    reason: format!(
+                        "the server's certificate sha256:{} is revoked",
+                        &fingerprint[..16]
+                    ),
+                });
+            }
+            let live = revoked.register(fingerprint);
+            Ok(Revocable { inner: s, live })
+        }
         Ok(Err(error)) => Err(TlsError::Handshake { peer, error }),
         Err(_) => Err(TlsError::HandshakeTimeout { peer }),
     }

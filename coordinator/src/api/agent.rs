@@ -88,6 +88,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             peer,
             host_id: host_id.clone(),
             tx,
+            revocations_sent: Default::default(),
         };
         tokio::spawn(
             session
@@ -118,6 +119,8 @@ struct Session {
     peer: SpiffeId,
     host_id: String,
     tx: SessionTx,
+    /// Size of the revocation set last sent to this agent (the set only grows).
+    revocations_sent: std::sync::atomic::AtomicUsize,
 }
 
 impl Session {
@@ -249,6 +252,7 @@ impl Session {
         for c in open {
             self.send(CoordMsg::Command(c)).await?;
         }
+        self.push_revocations().await?;
 
         loop {
             let msg = tokio::select! {
@@ -311,6 +315,26 @@ impl Session {
         .map(|_| ())
     }
 
+    /// Sends the revocation set when it grew since the last one this agent got, so the
+    /// agent refuses (and disconnects from) a coordinator whose old certificate was
+    /// revoked. Nothing is sent while no certificate is revoked.
+    async fn push_revocations(&self) -> Result<(), SessionError> {
+        use std::sync::atomic::Ordering;
+        let set: Vec<String> = self
+            .ctx
+            .node
+            .read(|s| s.security.revoked.keys().cloned().collect());
+        if set.len() == self.revocations_sent.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let n = set.len();
+        self.send(CoordMsg::Revocations(pb::Revocations { sha256: set }))
+            .await?;
+        self.revocations_sent.store(n, Ordering::Relaxed);
+        debug!(revoked = n, "revocation set sent to the agent");
+        Ok(())
+    }
+
     async fn heartbeat(
         &self,
         hello: &pb::Hello,
@@ -321,6 +345,7 @@ impl Session {
             self.redirect("leadership moved").await;
             return Err(SessionError::Gone);
         }
+        self.push_revocations().await?;
         if self.ctx.node.quorum_lost_for().is_some() {
             self.redirect("this coordinator has lost contact with the majority")
                 .await;

@@ -604,6 +604,146 @@ impl pb::response_service_server::ResponseService for ResponseApi {
             .map_err(Status::from)
     }
 
+    async fn request_coordinator_certificate(
+        &self,
+        req: Request<pb::RequestCoordinatorCertificateRequest>,
+    ) -> Result<Response<pb::CertificateRequest>, Status> {
+        let origin = authorize(
+            &self.ctx,
+            &req,
+            "RequestCoordinatorCertificate",
+            Permission::Admin,
+        )?;
+        let paths = crate::server::tls_paths(&self.ctx.config.tls);
+        let dir = self.ctx.config.data_dir.join("rotation");
+        let node = self.ctx.node.id();
+        let made =
+            tokio::task::spawn_blocking(move || dr_proto::cert_rotation::request(&paths, &dir))
+                .await
+                .map_err(|e| Status::internal(format!("certificate request task: {e}")))?
+                .map_err(|e| Status::failed_precondition(format!("coordinator {node}: {e}")))?;
+        info!(identity = %origin, node, "coordinator certificate requested (new key made on this node)");
+        Ok(Response::new(pb::CertificateRequest {
+            host_id: node.to_string(),
+            identity: made.identity,
+            csr_pem: made.csr_pem,
+            old_cert_sha256: made.old_cert_sha256,
+        }))
+    }
+
+    async fn install_coordinator_certificate(
+        &self,
+        req: Request<pb::SignedCertificate>,
+    ) -> Result<Response<pb::HostOutcome>, Status> {
+        let origin = authorize(
+            &self.ctx,
+            &req,
+            "InstallCoordinatorCertificate",
+            Permission::Admin,
+        )?;
+        let r = req.into_inner();
+        let node = self.ctx.node.id();
+        if r.host_id != node.to_string() {
+            return Err(Status::invalid_argument(format!(
+                "this is coordinator {node}, the certificate is for {:?}: send it to the coordinator that made the CSR",
+                r.host_id
+            )));
+        }
+        let run = async {
+            let paths = crate::server::tls_paths(&self.ctx.config.tls);
+            let dir = self.ctx.config.data_dir.join("rotation");
+            let cert_pem = r.cert_pem.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                dr_proto::cert_rotation::install(&paths, &dir, &cert_pem)
+            })
+            .await
+            .map_err(|e| ApiError::Unexpected(format!("certificate install task: {e}")))?
+            .map_err(|e| ApiError::FailedPrecondition(format!("coordinator {node}: {e}")))?;
+            // Reload NOW, before the old certificate is revoked: otherwise peers and
+            // agents would refuse this node until its reloader's next tick, and a leader
+            // refused by its followers for seconds loses its leadership.
+            for (side, reloaded) in [
+                ("server", self.ctx.tls.server.reload()),
+                ("client", self.ctx.tls.client.reload()),
+            ] {
+                if let Err(e) = reloaded {
+                    return Err(ApiError::Unexpected(format!(
+                        "the new certificate was written but the {side} TLS layer did not load it ({e}); the old one stays valid, nothing was revoked"
+                    )));
+                }
+            }
+            let reason = "coordinator certificate replaced by emergency rotation".to_owned();
+            self.commit(
+                &origin,
+                Command::Security(SecurityCommand::Revoke {
+                    certs: vec![RevokeCert {
+                        sha256: done.replaced_cert_sha256.clone(),
+                        identity: done.identity.clone(),
+                    }],
+                    reason,
+                }),
+            )
+            .await?;
+            info!(node, identity = %done.identity, "coordinator certificate rotated, the old one revoked");
+            Ok::<_, ApiError>(pb::HostOutcome {
+                host_id: node.to_string(),
+                success: true,
+                message: "installed and loaded without restart; the old certificate is revoked cluster-wide".into(),
+                details: [
+                    ("identity".to_owned(), done.identity),
+                    ("replaced_cert_sha256".to_owned(), done.replaced_cert_sha256),
+                    ("new_cert_sha256".to_owned(), done.new_cert_sha256),
+                ]
+                .into_iter()
+                .collect(),
+                command_key: String::new(),
+            })
+        };
+        run.instrument(info_span!("install_coordinator_certificate"))
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+
+    async fn revoke_certificates(
+        &self,
+        req: Request<pb::RevokeCertificatesRequest>,
+    ) -> Result<Response<pb::SecurityStatusResponse>, Status> {
+        let origin = authorize(&self.ctx, &req, "RevokeCertificates", Permission::Admin)?;
+        let r = req.into_inner();
+        if r.sha256.is_empty() {
+            return Err(Status::invalid_argument(
+                "name at least one certificate (--certificate FILE or --sha256 HEX)",
+            ));
+        }
+        let mut certs = Vec::new();
+        for (i, fp) in r.sha256.iter().enumerate() {
+            let fp = fp.to_ascii_lowercase();
+            if !is_sha256_hex(&fp) {
+                return Err(Status::invalid_argument(format!(
+                    "{fp:?} is not a hex SHA-256 (64 hex digits of the certificate's DER)"
+                )));
+            }
+            certs.push(RevokeCert {
+                sha256: fp,
+                identity: r.identity.get(i).cloned().unwrap_or_default(),
+            });
+        }
+        let reason = if r.reason.is_empty() {
+            "revoked by an administrator".to_owned()
+        } else {
+            r.reason.clone()
+        };
+        info!(identity = %origin, count = certs.len(), "certificates revoked by an administrator");
+        self.commit(
+            &origin,
+            Command::Security(SecurityCommand::Revoke { certs, reason }),
+        )
+        .await
+        .map_err(Status::from)?;
+        Ok(Response::new(self.status_of()))
+    }
+
     async fn set_monitoring(
         &self,
         req: Request<pb::SetMonitoringRequest>,

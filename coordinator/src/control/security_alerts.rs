@@ -198,11 +198,23 @@ pub async fn run(ctx: Arc<Ctx>, tls: ServerTls, cancel: CancellationToken) {
             .node
             .read(|s| s.security.revoked.keys().cloned().collect());
         if revoked_seen.as_ref() != Some(&revoked) {
+            // Both sides: clients presenting a revoked certificate, and peers (coordinators
+            // whose certificate was rotated) answering with one. Open connections of a
+            // revoked certificate are closed, not only new handshakes refused.
+            let cut_clients = tls.set_revoked(revoked.clone());
+            let cut_servers = ctx.tls.client.set_revoked(revoked.clone());
             info!(
                 revoked = revoked.len(),
+                closed_client_connections = cut_clients,
+                closed_peer_connections = cut_servers,
                 "revocation set applied to the tls layer"
             );
-            tls.set_revoked(revoked.clone());
+            if cut_clients + cut_servers > 0 {
+                warn!(
+                    closed = cut_clients + cut_servers,
+                    "closed open connections whose certificate is now revoked"
+                );
+            }
             revoked_seen = Some(revoked);
         }
 

@@ -60,6 +60,10 @@ pub struct RotateArgs {
     /// How long each agent may take per step.
     #[arg(long = "wait", default_value = "120s", value_parser = crate::cli::parse_duration)]
     pub wait: Duration,
+    /// With scope certs/all, leave the coordinators' own certificates alone (by default
+    /// every coordinator of the cluster is re-issued too, one at a time).
+    #[arg(long = "no-coordinators")]
+    pub no_coordinators: bool,
 }
 
 /// Signs `csr_pem` for `host_id` with the CA in `ca_dir`, refusing a CSR whose identity is
@@ -71,13 +75,31 @@ pub fn sign_csr(
     csr_pem: &str,
     valid_for: Duration,
 ) -> anyhow::Result<String> {
+    sign_csr_for(
+        ca_dir,
+        super::cert::Kind::Agent,
+        host_id,
+        csr_pem,
+        valid_for,
+    )
+}
+
+/// [`sign_csr`] for any kind: the CSR's only URI SAN must be exactly `kind`/`name` of the
+/// CA's trust domain (a coordinator's CSR names `coordinator/<node id>`).
+pub fn sign_csr_for(
+    ca_dir: &Path,
+    kind: super::cert::Kind,
+    host_id: &str,
+    csr_pem: &str,
+    valid_for: Duration,
+) -> anyhow::Result<String> {
     use anyhow::Context as _;
     let ca_cert_path = ca_dir.join(super::cert::CA_CERT_FILE);
     let ca_key_path = ca_dir.join(super::cert::CA_KEY_FILE);
     let ca_pem = std::fs::read_to_string(&ca_cert_path)
         .with_context(|| format!("read {}", ca_cert_path.display()))?;
     let td = super::cert::trust_domain_of_ca(&ca_cert_path, &ca_pem)?;
-    let expected = super::cert::identity_uri(&td, super::cert::Kind::Agent, host_id, None)?;
+    let expected = super::cert::identity_uri(&td, kind, host_id, None)?;
     let ca_key_pem = std::fs::read_to_string(&ca_key_path)
         .with_context(|| format!("read {}", ca_key_path.display()))?;
     let ca_key = KeyPair::from_pem(&ca_key_pem)
@@ -107,7 +129,7 @@ pub fn sign_csr(
         .push(DnType::OrganizationName, td.as_str());
     params
         .distinguished_name
-        .push(DnType::CommonName, format!("agent-{host_id}"));
+        .push(DnType::CommonName, format!("{kind}-{host_id}"));
     params.subject_alt_names = csr
         .params
         .subject_alt_names
@@ -273,10 +295,114 @@ pub async fn run(client: &Client, a: RotateArgs, format: OutputFormat) -> anyhow
                 failures.push(e.to_string());
             }
         }
+        // 3. the coordinators' own certificates, one node at a time (each reloads before
+        //    its old certificate is revoked, so peers and agents never refuse it).
+        if !a.no_coordinators {
+            match rotate_coordinators(&client, &ca_dir, a.valid_for, format).await {
+                Ok(f) => failures.extend(f),
+                Err(e) => failures.push(format!("coordinator certificates: {e:#}")),
+            }
+        }
     }
     if failures.is_empty() {
         Ok(())
     } else {
         anyhow::bail!("{}", failures.join("; "))
     }
+}
+
+/// Re-issues every coordinator's certificate: CSR from the node itself (its key is made
+/// there), signed here, installed on that node. Returns the per-node failures.
+async fn rotate_coordinators(
+    client: &Client,
+    ca_dir: &Path,
+    valid_for: Duration,
+    format: OutputFormat,
+) -> anyhow::Result<Vec<String>> {
+    let status = client
+        .call("cluster status", |mut c| async move {
+            c.cluster_status(pb::ClusterStatusRequest {
+                linearizable: false,
+            })
+            .await
+        })
+        .await?;
+    let mut members: Vec<_> = status.members.clone();
+    // The leader last: its rotation makes every agent reconnect once.
+    members.sort_by_key(|m| (m.node_id == status.leader_id, m.node_id));
+    let mut failures = Vec::new();
+    let mut outcomes = Vec::new();
+    for m in members {
+        let mut cfg = client.config().clone();
+        cfg.endpoints = vec![m.addr.clone()];
+        let one = Client::new(cfg)?;
+        let csr = match one
+            .call_service(
+                "coordinator certificate request",
+                ResponseServiceClient::new,
+                |mut c| async move {
+                    c.request_coordinator_certificate(pb::RequestCoordinatorCertificateRequest {})
+                        .await
+                },
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(format!("coordinator {} ({}): {e}", m.node_id, m.addr));
+                continue;
+            }
+        };
+        if csr.host_id != m.node_id.to_string() {
+            failures.push(format!(
+                "{} answered as coordinator {}, expected {}: not signed",
+                m.addr, csr.host_id, m.node_id
+            ));
+            continue;
+        }
+        let cert_pem = match sign_csr_for(
+            ca_dir,
+            super::cert::Kind::Coordinator,
+            &csr.host_id,
+            &csr.csr_pem,
+            valid_for,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                failures.push(format!("{e:#}"));
+                continue;
+            }
+        };
+        let req = pb::SignedCertificate {
+            host_id: csr.host_id.clone(),
+            cert_pem,
+            old_cert_sha256: csr.old_cert_sha256.clone(),
+        };
+        match one
+            .call_service(
+                "coordinator certificate install",
+                ResponseServiceClient::new,
+                move |mut c| {
+                    let req = req.clone();
+                    async move { c.install_coordinator_certificate(req).await }
+                },
+            )
+            .await
+        {
+            Ok(o) => outcomes.push(o),
+            Err(e) => failures.push(format!("coordinator {} ({}): {e}", m.node_id, m.addr)),
+        }
+    }
+    if format == OutputFormat::Text {
+        println!("coordinator certificates (old ones revoked; agents and peers refuse them):");
+    }
+    if let Err(e) = report(
+        "coordinator certificate rotation",
+        &outcomes,
+        &["identity", "replaced_cert_sha256", "new_cert_sha256"],
+        format,
+    ) {
+        failures.push(e.to_string());
+    }
+    Ok(failures)
 }

@@ -26,6 +26,59 @@ pub enum SecurityCmd {
     Monitoring(MonitoringArgs),
     /// Isolated hosts, revoked certificates, monitoring level, recent alerts.
     Status,
+    /// Revoke certificates (a lost operator or agent key): every coordinator refuses them
+    /// from now on and closes the connections already open with them (admin).
+    Revoke(RevokeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// A PEM certificate file to revoke (repeatable).
+    /// (The field is not named `cert`: clap ids are global, and `cert` is drctl's own
+    /// `--cert`.)
+    #[arg(long = "certificate", value_name = "FILE")]
+    pub certificate: Vec<std::path::PathBuf>,
+    /// A certificate's hex SHA-256 (of its DER) to revoke (repeatable).
+    #[arg(long = "sha256", value_name = "HEX")]
+    pub sha256: Vec<String>,
+    #[arg(long, default_value = "")]
+    pub reason: String,
+}
+
+/// (sha256, identity) of every certificate named by --cert and --sha256.
+fn revocation_targets(a: &RevokeArgs) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    use anyhow::Context as _;
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let (mut fps, mut ids) = (Vec::new(), Vec::new());
+    for path in &a.certificate {
+        let pem = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+        let leaf = CertificateDer::pem_slice_iter(&pem)
+            .next()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                crate::cmd::UsageError(format!(
+                    "--certificate {}: no PEM certificate in the file",
+                    path.display()
+                ))
+            })?;
+        fps.push(dr_proto::tls::cert_sha256_hex(&leaf));
+        ids.push(
+            dr_proto::identity::SpiffeId::from_cert_der(&leaf)
+                .map(|i| i.to_string())
+                .unwrap_or_default(),
+        );
+    }
+    for fp in &a.sha256 {
+        fps.push(fp.to_ascii_lowercase());
+    }
+    if fps.is_empty() {
+        return Err(crate::cmd::UsageError(
+            "name the certificates to revoke: --certificate FILE or --sha256 HEX".into(),
+        )
+        .into());
+    }
+    Ok((fps, ids))
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +119,24 @@ pub async fn run(client: &Client, cmd: SecurityCmd, format: OutputFormat) -> any
                 .await?
         }
         SecurityCmd::Status => fetch(client).await?,
+        SecurityCmd::Revoke(a) => {
+            let (sha256, identity) = revocation_targets(&a)?;
+            let req = pb::RevokeCertificatesRequest {
+                sha256,
+                identity,
+                reason: a.reason,
+            };
+            client
+                .call_service(
+                    "security revoke",
+                    ResponseServiceClient::new,
+                    move |mut c| {
+                        let req = req.clone();
+                        async move { c.revoke_certificates(req).await }
+                    },
+                )
+                .await?
+        }
     };
     if format == OutputFormat::Json {
         println!("{}", json(&resp));

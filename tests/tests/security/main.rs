@@ -5,11 +5,15 @@
 //! removed and reordered entries are each named by `drctl audit verify`). t30: drctl
 //! isolate/unisolate with the agent inside a test network namespace. t40: emergency
 //! rotation with real PostgreSQL and the no-secret-anywhere search. t50: monitoring level,
-//! integrity and refused-handshake alerts.
+//! integrity and refused-handshake alerts. t41: certificates of agents AND coordinators
+//! re-issued without restart, old ones refused, open sessions of revoked certificates
+//! closed, an operator certificate revoked. t51: repeated refused RPCs raise an alert.
 #![allow(clippy::unwrap_used)]
 
 mod t10_approvals;
 mod t20_audit;
 mod t30_isolate;
 mod t40_rotation;
+mod t41_cert_revocation;
 mod t50_alerts;
+mod t51_refused_rpcs;
