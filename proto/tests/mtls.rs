@@ -251,3 +251,72 @@ async fn rotated_certificate_is_picked_up_without_restart() {
     assert!(!server_tls.reload().unwrap());
     cancel.cancel();
 }
+
+/// Both directions of a revocation: a client refuses a coordinator whose certificate is
+/// revoked and closes the channel it already had to it; a server closes a client's open
+/// connection when the client's certificate is revoked, and refuses it afterwards.
+#[tokio::test]
+async fn revocation_cuts_open_connections_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = make_ca(d, "test.local");
+    let coord = issue(d, &ca, "coord", "spiffe://test.local/coordinator/1", false);
+    let agent = issue(d, &ca, "agent", "spiffe://test.local/agent/h1", false);
+    let cancel = CancellationToken::new();
+    let (ep, server) = start_server(&coord, cancel.clone()).await;
+    let fp = |p: &TlsPaths| {
+        let pem = std::fs::read(&p.cert).unwrap();
+        let der = rustls_pemfile::certs(&mut pem.as_slice())
+            .next()
+            .unwrap()
+            .unwrap();
+        dr_proto::tls::cert_sha256_hex(&der)
+    };
+
+    // Client side: an open channel to the coordinator, then its certificate is revoked.
+    let client = ClientTls::load(&agent).unwrap();
+    let channel = client.connect(&ep, Duration::from_secs(3)).await.unwrap();
+    let mut c = pb::raft_service_client::RaftServiceClient::new(channel.clone());
+    c.forward(pb::ForwardRequest::default()).await.unwrap();
+    let cut = client.set_revoked([fp(&coord)].into_iter().collect());
+    assert_eq!(
+        cut, 1,
+        "the open connection to the revoked coordinator is closed"
+    );
+    let again = c.forward(pb::ForwardRequest::default()).await;
+    assert!(
+        again.is_err(),
+        "no call goes through the revoked server: {again:?}"
+    );
+    let err = call(&client, &ep).await.unwrap_err();
+    assert!(err.contains("revoked"), "{err}");
+
+    // Server side: a fresh client, its certificate revoked while connected.
+    let client = ClientTls::load(&agent).unwrap();
+    let mut raw = client.connect_stream(&ep).await.unwrap();
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert!(raw.read(&mut buf).await.unwrap() > 0, "the server answers");
+    assert_eq!(server.set_revoked([fp(&agent)].into_iter().collect()), 1);
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match raw.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the server closed the revoked client's connection"
+    );
+    assert!(
+        call(&client, &ep).await.is_err(),
+        "and refuses it afterwards"
+    );
+    cancel.cancel();
+}
