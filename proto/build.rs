@@ -22,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure()
+        // Small per-stream buffers: 10,000 agent sessions on one leader (src/codec.rs).
+        .codec_path("crate::codec::LeanCodec")
         .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")
         .message_attribute(".", "#[serde(default)]")
         .compile_fds(fds)?;
