@@ -23,3 +23,5 @@ for n in 1 2 3; do [ "$n" != "$leader" ] && EPS="$EPS,127.0.0.1:$((BASE_PORT+n))
     --duration "$DURATION" --round-trips "$ROUND_TRIPS" --watch-pid "$pid" \
     --cert-dir "$WORK/load-certs" ${LOADGEN_ARGS:-}
 echo "leader after the run: node $(leader_id) (was $leader)"
+# The machine is shared: say how busy it was by the end as well.
+echo "load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -73,6 +73,9 @@ struct Counters {
     errors: AtomicU64,
     /// The first few distinct session errors, so a failed ramp-up says why.
     error_samples: std::sync::Mutex<Vec<String>>,
+    /// Why sessions ended (before the run's end), by kind, so churn says where it comes
+    /// from: the server redirecting, the server ending the stream, or the transport.
+    ended: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Counters {
@@ -85,13 +88,31 @@ impl Counters {
         }
     }
 
+    fn record_end(&self, why: &str) {
+        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        *ended.entry(why.to_owned()).or_default() += 1;
+    }
+
+    fn ended_summary(&self) -> String {
+        let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        if ended.is_empty() {
+            return "none".into();
+        }
+        ended
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     fn report(&self) -> String {
         let samples = self.error_samples.lock().unwrap_or_else(|p| p.into_inner());
         format!(
-            "connected {}, reconnects {}, errors {}{}",
+            "connected {}, reconnects {}, errors {}, ended ({}){}",
             self.connected.load(Ordering::Relaxed),
             self.reconnects.load(Ordering::Relaxed),
             self.errors.load(Ordering::Relaxed),
+            self.ended_summary(),
             if samples.is_empty() {
                 String::new()
             } else {
@@ -212,6 +233,29 @@ async fn run(args: Args) -> Result<()> {
         "==> opening {} sessions at {}/s",
         args.sessions, args.connect_rate
     );
+    // Progress every 10 s on stderr: churn shows up as reconnects growing in the steady state.
+    let monitor = {
+        let counters = counters.clone();
+        let cancel = cancel.clone();
+        let t0 = Instant::now();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                eprintln!(
+                    "    [{:>4.0}s] heartbeats {} commands {}; {}",
+                    t0.elapsed().as_secs_f64(),
+                    counters.heartbeats.load(Ordering::Relaxed),
+                    counters.commands.load(Ordering::Relaxed),
+                    counters.report()
+                );
+            }
+        })
+    };
     let t = Instant::now();
     let mut handles = Vec::new();
     let pause = Duration::from_secs_f64(1.0 / f64::from(args.connect_rate.max(1)));
@@ -248,6 +292,8 @@ async fn run(args: Args) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(5)).await;
     eprintln!("==> steady state for {:?}", args.duration);
     let hb0 = counters.heartbeats.load(Ordering::Relaxed);
+    let rc0 = counters.reconnects.load(Ordering::Relaxed);
+    let er0 = counters.errors.load(Ordering::Relaxed);
     let samplers: Vec<_> = args
         .watch_pid
         .iter()
@@ -268,7 +314,11 @@ async fn run(args: Args) -> Result<()> {
         procs.push((*pid, s.await??));
     }
     let hb = counters.heartbeats.load(Ordering::Relaxed) - hb0;
+    let reconnects = counters.reconnects.load(Ordering::Relaxed) - rc0;
+    let errors = counters.errors.load(Ordering::Relaxed) - er0;
+    let ended = counters.ended_summary();
     cancel.cancel();
+    monitor.await.ok();
     for h in handles {
         h.await.ok();
     }
@@ -289,6 +339,9 @@ async fn run(args: Args) -> Result<()> {
         "heartbeats_per_s": hb as f64 / args.duration.as_secs_f64(),
         "reconnects": counters.reconnects.load(Ordering::Relaxed),
         "errors": counters.errors.load(Ordering::Relaxed),
+        "steady_reconnects": reconnects,
+        "steady_errors": errors,
+        "sessions_ended": ended,
         "round_trips": rtts.len(),
         "rtt_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": pct(1.0)},
         "processes": procs.iter().map(|(pid, s)| serde_json::json!({
@@ -299,12 +352,16 @@ async fn run(args: Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(
-            "sessions {}  heartbeats/s {:.0}  reconnects {}  errors {}",
+            "sessions {}  ramp {:.1}s  heartbeats/s {:.0}  reconnects {} ({} in the steady state)  errors {} ({} in the steady state)",
             args.sessions,
+            ramp.as_secs_f64(),
             summary["heartbeats_per_s"].as_f64().unwrap_or(0.0),
             summary["reconnects"],
-            summary["errors"]
+            reconnects,
+            summary["errors"],
+            errors
         );
+        println!("sessions ended early, by kind: {ended}");
         println!(
             "command round trip over {} runs: p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
             rtts.len(),
@@ -333,12 +390,32 @@ struct Session {
     counters: Arc<Counters>,
 }
 
+/// How one session ended.
+enum End {
+    /// The run is over.
+    Cancelled,
+    /// A Redirect: to the leader it names, or (None) to no known leader.
+    Redirect(Option<String>),
+    /// The coordinator ended the response stream without a status.
+    ServerClosed,
+    /// Our own send side closed (the stream's request body went away).
+    SendClosed,
+}
+
 impl Session {
     async fn run(self, cancel: CancellationToken) {
         let incarnation: u64 = rand::random();
         let mut target: Option<String> = None;
-        let mut next = 0usize;
+        // Like dr-agent: a session that ends goes back to the coordinator that welcomed it
+        // (the leader, as far as it knows) before trying the others.
+        let mut home: Option<String> = None;
+        // The first dial goes to the first endpoint (the script lists the leader first).
+        let mut next = self.endpoints.len().saturating_sub(1);
         let mut first = true;
+        // dr-agent's reconnect delays (agent/src/session/backoff.rs, defaults): exponential
+        // from 100 ms to 5 s with full jitter, starting over after a Welcome. A flat short
+        // retry made the load generator's own retry storm the bottleneck of the ramp-up.
+        let mut attempt = 0u32;
         while !cancel.is_cancelled() {
             let endpoint = target.take().unwrap_or_else(|| {
                 next = (next + 1) % self.endpoints.len();
@@ -348,37 +425,69 @@ impl Session {
                 self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
             }
             first = false;
-            match self.session(&endpoint, incarnation, &cancel).await {
-                Ok(Some(redirect)) => target = Some(redirect),
-                Ok(None) => {
+            let mut welcomed = false;
+            let ended = self
+                .session(&endpoint, incarnation, &cancel, &mut welcomed)
+                .await;
+            if welcomed {
+                home = Some(endpoint.clone());
+                attempt = 0;
+            }
+            if cancel.is_cancelled() {
+                return;
+            }
+            let pause = match ended {
+                Ok(End::Cancelled) => return,
+                Ok(End::Redirect(Some(to))) => {
+                    self.counters.record_end("redirect to the leader");
+                    target = Some(to);
+                    continue;
+                }
+                Ok(other) => {
+                    self.counters.record_end(match other {
+                        End::Redirect(_) => "redirect, no leader known",
+                        End::ServerClosed => "stream ended by the coordinator",
+                        _ => "our send side closed",
+                    });
                     // Closed without a leader to go to (e.g. the leader lost its
                     // quorum): pause, or 10,000 sessions would spin through endpoints.
-                    let jitter = Duration::from_millis(rand::random::<u64>() % 500);
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(100) + jitter) => {}
-                    }
+                    target = home.take();
+                    backoff(&mut attempt)
                 }
                 Err(e) => {
+                    self.counters.record_end(&format!(
+                        "error{}",
+                        if welcomed {
+                            " after welcome"
+                        } else {
+                            " before welcome"
+                        }
+                    ));
                     self.counters.record_error(&e);
-                    let jitter = Duration::from_millis(rand::random::<u64>() % 1000);
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(200) + jitter) => {}
-                    }
+                    target = home.take();
+                    backoff(&mut attempt)
                 }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     }
 
-    /// One session; returns a redirect target when the coordinator is not the leader.
+    /// One session; `welcomed` tells whether it got as far as Welcome.
     async fn session(
         &self,
         endpoint: &str,
         incarnation: u64,
         cancel: &CancellationToken,
-    ) -> Result<Option<String>> {
-        let channel = self.tls.connect(endpoint, Duration::from_secs(10)).await?;
+        welcomed: &mut bool,
+    ) -> Result<End> {
+        let channel = self
+            .tls
+            .connect(endpoint, Duration::from_secs(10))
+            .await
+            .with_context(|| format!("connect {endpoint}"))?;
         let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(16);
         let hello = pb::AgentMessage {
@@ -396,7 +505,8 @@ impl Session {
         tx.send(hello).await?;
         let mut inbound = client
             .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?
+            .await
+            .context("open the session stream")?
             .into_inner();
         let mut connected = false;
         let mut tick = tokio::time::interval(self.interval);
@@ -407,7 +517,7 @@ impl Session {
         let mut seq = 0u64;
         let result = loop {
             tokio::select! {
-                _ = cancel.cancelled() => break Ok(None),
+                _ = cancel.cancelled() => break Ok(End::Cancelled),
                 _ = tick.tick() => {
                     seq += 1;
                     let now = chrono::Utc::now().timestamp_millis();
@@ -423,22 +533,23 @@ impl Session {
                     let hb = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
                         seq, checks, sent_at_unix_ms: now, ..Default::default()
                     }))};
-                    if tx.send(hb).await.is_err() { break Ok(None); }
+                    if tx.send(hb).await.is_err() { break Ok(End::SendClosed); }
                     self.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
                 }
                 msg = inbound.message() => {
                     let msg = match msg {
                         Ok(Some(m)) => m,
-                        Ok(None) => break Ok(None),
-                        Err(e) => break Err(e.into()),
+                        Ok(None) => break Ok(End::ServerClosed),
+                        Err(e) => break Err(anyhow::Error::from(e).context("session stream")),
                     };
                     match msg.msg {
                         Some(pb::coordinator_message::Msg::Welcome(_)) if !connected => {
                             connected = true;
+                            *welcomed = true;
                             self.counters.connected.fetch_add(1, Ordering::Relaxed);
                         }
                         Some(pb::coordinator_message::Msg::Redirect(r)) => {
-                            break Ok(Some(r.leader_endpoint).filter(|e| !e.is_empty()));
+                            break Ok(End::Redirect(Some(r.leader_endpoint).filter(|e| !e.is_empty())));
                         }
                         Some(pb::coordinator_message::Msg::Command(c)) => {
                             self.counters.commands.fetch_add(1, Ordering::Relaxed);
@@ -446,7 +557,7 @@ impl Session {
                             let res = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Result(pb::CommandResult {
                                 key: c.key, success: true, message: "ok".into(), host_id: self.host.clone(), ..Default::default()
                             }))};
-                            if tx.send(ack).await.is_err() || tx.send(res).await.is_err() { break Ok(None); }
+                            if tx.send(ack).await.is_err() || tx.send(res).await.is_err() { break Ok(End::SendClosed); }
                         }
                         _ => {}
                     }
@@ -458,6 +569,18 @@ impl Session {
         }
         result
     }
+}
+
+/// The delay before reconnect attempt `attempt` (then counted): uniform in
+/// `[100 ms, min(5 s, 100 ms * 2^attempt)]`, as dr-agent with its default settings.
+fn backoff(attempt: &mut u32) -> Duration {
+    const MIN_MS: u64 = 100;
+    const MAX_MS: u64 = 5_000;
+    let cap = MIN_MS
+        .saturating_mul(1u64 << (*attempt).min(16))
+        .min(MAX_MS);
+    *attempt = attempt.saturating_add(1);
+    Duration::from_millis(MIN_MS + rand::random::<u64>() % (cap - MIN_MS + 1))
 }
 
 /// Round trips of `RunAction(run_checks)` to one random loaded agent, one at a time.
