@@ -99,7 +99,7 @@ impl FailureDetector {
             });
             let registry = &self.ctx.registry;
             let verdicts = decide(now, self.elected_at, down_after, &up, |h| {
-                registry.view(h).map(|v| (v.last_heartbeat, v.connected))
+                registry.liveness(h)
             });
             for v in verdicts {
                 if cancel.is_cancelled() {
@@ -177,6 +177,55 @@ mod tests {
         assert_eq!(
             v[2].reason,
             "no session with the leader since it was elected 7.0s ago"
+        );
+    }
+
+    /// The grace a closed session gets: a host whose session closes and comes back within
+    /// `down_after` is never judged down (so its reconnect commits nothing: `ensure_up`
+    /// finds it still up with the same incarnation), and one that does not come back is
+    /// judged down once `down_after` has passed since its last heartbeat.
+    #[test]
+    fn t20_closed_session_grace() {
+        use crate::registry::{HostInfo, Registry};
+        let s = Duration::from_secs;
+        let t0 = Instant::now();
+        let elected = t0;
+        let down_after = s(5);
+        let r = Registry::new();
+        let hosts: Vec<String> = vec!["back".into(), "gone".into()];
+        let (tx1, _rx1) = tokio::sync::mpsc::channel(1);
+        let (tx2, _rx2) = tokio::sync::mpsc::channel(1);
+        let (b1, _) = r.register("back", HostInfo::default(), tx1, 1, t0 + s(10), 0);
+        let (g1, _) = r.register("gone", HostInfo::default(), tx2, 1, t0 + s(10), 0);
+        // Both sessions close at +12 after a last heartbeat at +11.
+        assert!(r.heartbeat("back", b1, t0 + s(11), 0, &[], &Default::default()));
+        assert!(r.heartbeat("gone", g1, t0 + s(11), 0, &[], &Default::default()));
+        r.disconnect("back", b1);
+        r.disconnect("gone", g1);
+        // "back" reconnects at +14 (within the grace) and heartbeats from +15 on.
+        let (tx3, _rx3) = tokio::sync::mpsc::channel(1);
+        let (b2, _) = r.register("back", HostInfo::default(), tx3, 1, t0 + s(14), 0);
+        let mut down_at = None;
+        for now in (12..=30).map(|n| t0 + s(n)) {
+            if now >= t0 + s(15) {
+                assert!(r.heartbeat("back", b2, now, 0, &[], &Default::default()));
+            }
+            let v = decide(now, elected, down_after, &hosts, |h| r.liveness(h));
+            assert!(
+                v.iter().all(|v| v.host_id != "back"),
+                "a host that reconnected within the grace was judged down at +{:?}",
+                now - t0
+            );
+            if down_at.is_none()
+                && let Some(v) = v.iter().find(|v| v.host_id == "gone")
+            {
+                down_at = Some((now - t0, v.reason.clone()));
+            }
+        }
+        assert_eq!(
+            down_at,
+            Some((s(16), "session closed, no heartbeat for 5.0s".to_owned())),
+            "a host that does not come back is down one down_after after its last heartbeat"
         );
     }
 }
