@@ -37,11 +37,36 @@ pub async fn run(client: &Client, cmd: AgentsCmd, format: OutputFormat) -> anyho
                 .await?;
             match format {
                 OutputFormat::Json => print!("{}", json(&resp)),
-                OutputFormat::Text => print!("{}", render_agent(&resp, now_ms())),
+                OutputFormat::Text => {
+                    print!("{}", render_agent(&resp, now_ms()));
+                    // The isolation record lives with the security state, not the agent's.
+                    match crate::cmd::security::fetch(client).await {
+                        Ok(sec) => println!("{}", isolation_line(&sec, &host)),
+                        Err(e) => println!("isolation: not known ({e:#})"),
+                    }
+                }
             }
         }
     }
     Ok(())
+}
+
+/// `isolation: ...` for one host, from the security status.
+pub fn isolation_line(sec: &pb::SecurityStatusResponse, host: &str) -> String {
+    match sec.isolated.iter().find(|i| i.host_id == host) {
+        None => "isolation: not isolated".to_owned(),
+        Some(i) => format!(
+            "isolation: ISOLATED since {} by {} (reason: {}){}",
+            crate::output::timestamp(i.since_unix_ms),
+            i.by,
+            if i.reason.is_empty() { "-" } else { &i.reason },
+            if i.allow_mgmt.is_empty() {
+                String::new()
+            } else {
+                format!("; management allowed from {}", i.allow_mgmt.join(", "))
+            }
+        ),
+    }
 }
 
 pub async fn list(

@@ -306,6 +306,11 @@ async fn t30_isolate_through_drctl_keeps_the_session_and_restores_exactly() -> R
         status.contains("ISOLATED HOST") && status.contains(host),
         "{status}"
     );
+    let shown = drctl_ok(&cluster, &["agents", "show", host]).await?;
+    assert!(
+        shown.contains("isolation: ISOLATED since") && shown.contains("suspected breach"),
+        "{shown}"
+    );
 
     // --- a selector that matches nothing and a missing selector are refused clearly
     let out = cluster.drctl(["isolate"]).await?;
@@ -325,6 +330,8 @@ async fn t30_isolate_through_drctl_keeps_the_session_and_restores_exactly() -> R
         sec["isolated"].as_array().is_none_or(Vec::is_empty),
         "{sec}"
     );
+    let shown = drctl_ok(&cluster, &["agents", "show", host]).await?;
+    assert!(shown.contains("isolation: not isolated"), "{shown}");
 
     agent.stop().await?;
     cluster.shutdown().await?;
