@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dr/v1/restore.proto",
         "dr/v1/security.proto",
         "dr/v1/response.proto",
+        "dr/v1/incident.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed=proto/{f}");

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod backup;
 pub mod control;
 pub mod error;
+pub mod incident;
 pub mod operations;
 pub mod response;
 pub mod restore;

@@ -176,6 +176,11 @@ async fn run_inner(
             ),
         )
         .add_service(
+            dr_proto::pb::incident_service_server::IncidentServiceServer::new(
+                crate::api::incident::IncidentApi::new(ctx.clone()),
+            ),
+        )
+        .add_service(
             RaftServiceServer::new(RaftApi::new(node.clone(), metrics.clone()))
                 .max_decoding_message_size(RAFT_MAX_MESSAGE)
                 .max_encoding_message_size(RAFT_MAX_MESSAGE),

@@ -24,6 +24,7 @@ pub mod approvals;
 pub mod audit;
 pub mod catalog;
 pub mod commands;
+pub mod incidents;
 pub mod operations;
 pub mod security;
 pub mod topology;
@@ -98,6 +99,8 @@ pub enum Command {
     Approvals(approvals::ApprovalCommand),
     /// Isolation, revocations, monitoring level, alerts (see [`security`]).
     Security(security::SecurityCommand),
+    /// Incidents P0-P3: open, notes, level changes, resolution (see [`incidents`]).
+    Incident(incidents::IncidentCommand),
     /// Several requests committed as one entry by the leader's group commit
     /// (`raft/batcher.rs`); each is applied and audited as if it had its own entry.
     Batch {
@@ -121,6 +124,7 @@ impl Command {
             Command::Ops(o) => o.name(),
             Command::Approvals(a) => a.name(),
             Command::Security(s) => s.name(),
+            Command::Incident(i) => i.name(),
             Command::Batch { .. } => "batch",
         }
     }
@@ -200,6 +204,9 @@ pub struct State {
     /// Security response; `default` so older snapshots load.
     #[serde(default)]
     pub security: security::SecurityState,
+    /// Incidents; `default` so older snapshots load.
+    #[serde(default)]
+    pub incidents: incidents::IncidentBook,
 }
 
 impl State {

@@ -113,6 +113,9 @@ pub enum Command {
     /// Restore drills (backup-restore): run one now, list past ones.
     #[command(subcommand)]
     Drill(crate::cmd::drill::DrillCmd),
+    /// Incidents P0-P3 (DRP activate-incident): open, note, level, resolve, timeline.
+    #[command(subcommand)]
+    Incident(crate::cmd::incident::IncidentCmd),
     /// Approve another operator's pending request (admin; runs it as the requester).
     Approve(crate::cmd::approve::ApproveArgs),
     /// Two-person approvals: pending requests, rejection, and the policy.

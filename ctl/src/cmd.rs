@@ -20,6 +20,7 @@ pub mod commands;
 pub mod demo;
 pub mod drill;
 pub mod failover;
+pub mod incident;
 pub mod isolate;
 pub mod operations;
 pub mod restore;
@@ -55,6 +56,7 @@ pub async fn dispatch(cli: Cli, env: &HashMap<String, String>) -> anyhow::Result
         Command::Operations(c) => operations::run(&connect()?, c, format).await,
         Command::Restore(a) => restore::run(&connect()?, a, format).await,
         Command::Drill(c) => drill::run(&connect()?, c, format).await,
+        Command::Incident(c) => incident::run(&connect()?, c, format).await,
         Command::Approve(a) => approve::run(&connect()?, a, format).await,
         Command::Approvals(c) => approvals::run(&connect()?, c, format).await,
         Command::Audit(c) => audit::run(&connect()?, c, format).await,

@@ -9,9 +9,10 @@
 //! `check_chain`, `restore_files`, `recover_start`, `verify`, `record`), so a leader change
 //! neither loses nor repeats it; `check_chain` re-checks on the host right before writing.
 //!
-//! `--before-incident ID`: incidents do not exist as records yet; the ID names an operation
-//! (e.g. the failover that an incident caused) and the target is the instant before it was
-//! created. An RFC 3339 time is accepted as well.
+//! `--before-incident ID`: `I-N` names an incident (`drctl incident open`) and the target is
+//! the instant before it was opened; a plain number names an operation (e.g. the failover an
+//! incident caused) and the target is the instant before it was created. An RFC 3339 time is
+//! accepted as well.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -147,13 +148,22 @@ fn target_of(ctx: &Ctx, r: &pb::StartRestoreRequest) -> ApiResult<RestoreTarget>
         }
         "name" if !v.is_empty() => RestoreTarget::Name(v.to_owned()),
         "before_incident" => {
-            if let Ok(id) = v.parse::<u64>() {
+            if v.starts_with("I-") || v.starts_with("i-") {
+                let id = crate::state::incidents::parse_id(v).map_err(ApiError::InvalidArgument)?;
+                let at = ctx
+                    .node
+                    .read(|s| s.incidents.incidents.get(&id).map(|i| i.opened_at_unix_ms))
+                    .ok_or_else(|| {
+                        ApiError::NotFound(format!("no incident {v}; see `drctl incident list`"))
+                    })?;
+                RestoreTarget::TimeMs(at - 1)
+            } else if let Ok(id) = v.parse::<u64>() {
                 let at = ctx
                     .node
                     .read(|s| s.ops.operations.get(&id).map(|o| o.created_at_unix_ms))
                     .ok_or_else(|| {
                         ApiError::NotFound(format!(
-                            "no operation {id} (incidents are named by the operation they caused; see `drctl operations list`), or give an RFC 3339 time"
+                            "no operation {id} (see `drctl operations list`); name an incident as I-N (`drctl incident list`) or give an RFC 3339 time"
                         ))
                     })?;
                 RestoreTarget::TimeMs(at - 1)

@@ -85,6 +85,10 @@ pub fn apply(state: &mut State, log_index: u64, req: &Request) -> Response {
             c.target(),
             super::security::apply(state, at, &req.origin, c),
         ),
+        Command::Incident(c) => (
+            c.target(),
+            super::incidents::apply(state, at, &req.origin, c),
+        ),
         Command::ExpireCommands { now } => {
             let resp = expire_commands(state, *now);
             let target = match &resp {

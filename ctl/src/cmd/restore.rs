@@ -46,7 +46,8 @@ pub struct RestoreArgs {
     /// Named restore point (pg_create_restore_point).
     #[arg(long)]
     pub to_name: Option<String>,
-    /// The instant before an incident: an operation id (the failover it caused) or a time.
+    /// The instant before an incident: an incident (I-N, `drctl incident list`), an
+    /// operation id (the failover it caused) or a time.
     #[arg(long)]
     pub before_incident: Option<String>,
     /// Host to restore on (any region); default with --in-place: the database's host.

@@ -44,6 +44,16 @@ pub async fn status(
         OutputFormat::Json => print!("{}", json(&resp)),
         OutputFormat::Text => {
             print!("{}", render_status(&resp));
+            match crate::cmd::incident::fetch_open(client).await {
+                Ok(open) if !open.is_empty() => {
+                    print!(
+                        "\nopen incidents:\n{}",
+                        crate::cmd::incident::render_list(&open, crate::output::now_ms())
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => println!("incidents: not available ({e:#})"),
+            }
             match crate::cmd::security::fetch(client).await {
                 Ok(sec) => print!("{}", crate::cmd::security::render(&sec, 5)),
                 Err(e) => println!("security: not available ({e:#})"),

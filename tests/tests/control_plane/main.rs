@@ -16,3 +16,4 @@ mod t35_clean_shutdown;
 mod t40_refusals;
 mod t50_exactly_once;
 mod t60_demo;
+mod t70_incidents;
