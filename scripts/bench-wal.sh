@@ -10,7 +10,8 @@
 #
 # Usage (root): scripts/bench-wal.sh
 # Knobs: REPS (9) SCALE (10) REPLAY_MB (0: no replay row; bench-backup.sh uses 1024)
-#        REPLAY_REPS (3) SKIP_BUILD=1 KEEP=1
+#        REPLAY_REPS (3) BACKLOG (0: no backlog row; else that many segments, <= 2*REPS)
+#        SKIP_BUILD=1 KEEP=1
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
@@ -18,6 +19,7 @@ REPS=${REPS:-9}
 SCALE=${SCALE:-10}
 REPLAY_MB=${REPLAY_MB:-0}
 REPLAY_REPS=${REPLAY_REPS:-3}
+BACKLOG=${BACKLOG:-0}
 PGBIN=/usr/lib/postgresql/15/bin
 AGENT=$BIN/dr-agent
 [ "$(id -u)" = 0 ] || { echo "run as root (PostgreSQL runs as the postgres user)" >&2; exit 2; }
@@ -151,6 +153,43 @@ for i in $(seq 1 "$REPS"); do
     push_time push_repeat_ours_ms_raw "$i" "$AGENT" wal-push "$W/walcopy/${segs[$((2 * i - 2))]}" --repo-config "$W/walbench.toml"
 done
 
+# ------------------------------------------------------------------ backlog row (async modes)
+# A backlog of BACKLOG segments with .ready files in a pg_wal-like directory (of a fake data
+# dir holding only PG_VERSION and global/pg_control, which pgBackRest reads), then
+# PostgreSQL's archiver emulated: archive_command for each segment in order, back to back,
+# .ready renamed to .done after each success. Ours: `wal-push --push-ahead 4` (read-ahead);
+# pgBackRest: `archive-push --archive-async --process-max=2` (its asynchronous mode; the
+# foreground waits until its segment is pushed). Per-call wall time (median) and drain time.
+if [ "$BACKLOG" -gt 0 ]; then
+    mapfile -t bsegs < <(ls "$W/walcopy" | sort | head -n "$BACKLOG")
+    for who in ours pgbr; do
+        f=$W/fake-$who; rm -rf "$f"; mkdir -p "$f/global" "$f/pg_wal/archive_status"
+        cp "$DATA/PG_VERSION" "$f/"; cp "$DATA/global/pg_control" "$f/global/"
+        for s in "${bsegs[@]}"; do cp "$W/walcopy/$s" "$f/pg_wal/"; : > "$f/pg_wal/archive_status/$s.ready"; done
+        chown -R postgres:postgres "$f"; chmod 700 "$f"
+    done
+    sed "s#$W/walbench-repo#$W/backlog-repo#" "$W/walbench.toml" | sed "s#$W/spool#$W/backlog-spool#" > "$W/backlog.toml"
+    chown postgres "$W/backlog.toml"
+    asp "$AGENT" repo init --repo-config "$W/backlog.toml" >>"$LOG" 2>&1
+    printf '\n[backlog]\npg1-path=%s\npg1-port=%s\npg1-socket-path=%s\n' "$W/fake-pgbr" "$PORT" "$W/sock" >> "$W/pgbackrest.conf"
+    # stanza-create asks the running server (same system id as the fake dir's pg_control)
+    asp $PGBR --stanza=backlog --pg1-path="$DATA" stanza-create >>"$LOG" 2>&1
+    for who in ours pgbr; do
+        f=$W/fake-$who; t0=$(now); i=0
+        for s in "${bsegs[@]}"; do
+            i=$((i + 1))
+            if [ "$who" = ours ]; then
+                push_time "backlog_ours_ms_raw" "$i" "$AGENT" wal-push "$f/pg_wal/$s" --repo-config "$W/backlog.toml" --push-ahead 4
+            else
+                push_time "backlog_pgbr_ms_raw" "$i" $PGBR --stanza=backlog --archive-async --process-max=2 archive-push "$f/pg_wal/$s"
+            fi
+            mv "$f/pg_wal/archive_status/$s.ready" "$f/pg_wal/archive_status/$s.done"
+        done
+        t1=$(now); rec "backlog_${who}_drain_s" 1 "$(dt "$t0" "$t1")"
+        sleep 6   # background pushers finish / exit before the next tool runs
+    done
+fi
+
 # ------------------------------------------------------------------ replay row
 if [ "$REPLAY_MB" -gt 0 ]; then
     log "generating ~$REPLAY_MB MB of WAL"
@@ -197,7 +236,7 @@ ms() { awk -v v="$1" 'BEGIN{ if (v=="n/a") print v; else printf "%.1f", v*1000}'
 rngms() { awk -F'\t' -v m="$1" '$1==m{print $3*1000}' "$RAW" | sort -g | awk '{v[NR]=$1} END{if(NR) printf "%.1f..%.1f, n=%d", v[1], v[NR], NR}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b==0 || a=="n/a" || b=="n/a") print "n/a"; else printf "%.3f", a/b}'; }
 {
-    echo "Command: \`scripts/bench-wal.sh\` (REPS=$REPS SCALE=$SCALE REPLAY_MB=$REPLAY_MB REPLAY_REPS=$REPLAY_REPS)"
+    echo "Command: \`scripts/bench-wal.sh\` (REPS=$REPS SCALE=$SCALE BACKLOG=$BACKLOG REPLAY_MB=$REPLAY_MB REPLAY_REPS=$REPLAY_REPS)"
     sed 's/^/    /' "$W/env.txt"
     echo "    1-min load average during the run: $(awk '{print $2}' "$W/load.log" | sort -n | awk '{v[NR]=$1} END{printf "min %s / median %s / max %s", v[1], v[int((NR+1)/2)], v[NR]}')"
     echo
@@ -205,6 +244,10 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b==0 || a=="n/a" || b=="n/a") prin
     echo "|---|---|---|---|---|"
     echo "| push of one 16 MiB segment (sync, both), ms | $(ms "$(med push_ours_ms_raw)") ($(rngms push_ours_ms_raw)) | $(ms "$(med push_pgbr_ms_raw)") ($(rngms push_pgbr_ms_raw)) | $(ratio "$(med push_ours_ms_raw)" "$(med push_pgbr_ms_raw)") | <= 0.3 |"
     echo "| repeat push of an archived segment, ms | $(ms "$(med push_repeat_ours_ms_raw)") ($(rngms push_repeat_ours_ms_raw)) | | | |"
+    if [ "$BACKLOG" -gt 0 ]; then
+        echo "| backlog of $BACKLOG segments, per archive_command call (ours --push-ahead 4, pgBackRest archive-async process-max 2), ms | $(ms "$(med backlog_ours_ms_raw)") ($(rngms backlog_ours_ms_raw)) | $(ms "$(med backlog_pgbr_ms_raw)") ($(rngms backlog_pgbr_ms_raw)) | $(ratio "$(med backlog_ours_ms_raw)" "$(med backlog_pgbr_ms_raw)") | (async modes) |"
+        echo "| same, time to drain the backlog, s | $(med backlog_ours_drain_s) | $(med backlog_pgbr_drain_s) | $(ratio "$(med backlog_ours_drain_s)" "$(med backlog_pgbr_drain_s)") | |"
+    fi
     if [ "$REPLAY_MB" -gt 0 ]; then
         echo "| replay of $(awk -v b="$(med replay_wal_total_bytes)" 'BEGIN{printf "%.1f", b/1e6}') MB WAL: wal-fetch vs local pg_wal, s | $(med replay_fetch_s) ($(rng replay_fetch_s)) | local: $(med replay_local_s) ($(rng replay_local_s)) | $(ratio "$(med replay_fetch_s)" "$(med replay_local_s)") | <= 1.2 |"
     fi

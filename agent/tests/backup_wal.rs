@@ -138,3 +138,119 @@ fn t10_push_repeat_conflict_fetch_prefetch() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `--push-ahead`: the first call stores its segment and starts a pusher for the next `.ready`
+/// ones; PostgreSQL's later call for one of them only verifies it; a different file under a
+/// pushed-ahead name is still refused and nothing is overwritten.
+#[test]
+fn t10_push_ahead_then_verify_only() {
+    let tmp = test_dir();
+    let root = tmp.path();
+    let spool = root.join("spool");
+    let cfg = fs_repo_config(
+        root,
+        &root.join("repo"),
+        &format!("spool_dir = \"{}\"", spool.display()),
+    );
+    assert!(agent(&["repo", "init"], &cfg).status.success());
+    let wal = root.join("pg_wal");
+    std::fs::create_dir_all(wal.join("archive_status")).unwrap();
+    let names = [
+        "000000010000000000000011",
+        "000000010000000000000012",
+        "000000010000000000000013",
+        "000000010000000000000014",
+    ];
+    for (i, n) in names.iter().enumerate() {
+        std::fs::write(wal.join(n), segment(i as u8 + 5)).unwrap();
+        std::fs::write(wal.join("archive_status").join(format!("{n}.ready")), "").unwrap();
+    }
+    let push = |n: &str| {
+        agent(
+            &[
+                "wal-push",
+                wal.join(n).to_str().unwrap(),
+                "--push-ahead",
+                "2",
+            ],
+            &cfg,
+        )
+    };
+    let out = push(names[0]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The pusher stores exactly the next two, each recorded once durable.
+    let object = |n: &str| root.join("repo/wal/00000001").join(n);
+    let marker = |n: &str| spool.join("pushed").join(n);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !(marker(names[1]).exists() && marker(names[2]).exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "read-ahead did not push {} and {}",
+            names[1],
+            names[2]
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(object(names[1]).exists() && object(names[2]).exists());
+    assert!(
+        !object(names[3]).exists(),
+        "only --push-ahead 2 segments ahead"
+    );
+
+    // A different file under a name pushed ahead: refused, the archived object unchanged.
+    let stored = std::fs::read(object(names[2])).unwrap();
+    let mut other = segment(7);
+    other[999] ^= 1;
+    std::fs::write(wal.join(names[2]), &other).unwrap();
+    let out = push(names[2]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("different content"), "{err}");
+    assert_eq!(std::fs::read(object(names[2])).unwrap(), stored);
+
+    // PostgreSQL's call for a segment pushed ahead: success, the record is used up.
+    std::fs::remove_file(
+        wal.join("archive_status")
+            .join(format!("{}.ready", names[0])),
+    )
+    .unwrap();
+    let out = push(names[1]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!marker(names[1]).exists());
+    let dest = root.join("RECOVERYXLOG");
+    let fetch = agent(&["wal-fetch", names[1], dest.to_str().unwrap()], &cfg);
+    assert!(fetch.status.success());
+    assert!(std::fs::read(&dest).unwrap() == segment(6));
+
+    // Let the last pusher (started by names[1]'s call) finish before the dir is removed.
+    let lock = spool.join(".push-ahead.lock");
+    let f = std::fs::OpenOptions::new().write(true).open(&lock).unwrap();
+    let held = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    drop(held);
+
+    // Without spool_dir, --push-ahead says what is missing.
+    let cfg2 = fs_repo_config(root, &root.join("repo"), "");
+    let out = agent(
+        &[
+            "wal-push",
+            wal.join(names[3]).to_str().unwrap(),
+            "--push-ahead",
+            "2",
+        ],
+        &cfg2,
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("spool_dir"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

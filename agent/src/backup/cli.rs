@@ -40,7 +40,7 @@ use super::repo_config::Location;
 use super::repo_config::RepoConfig;
 use super::verify::verify;
 use super::wal_fetch::{wal_fetch, wal_fetch_spooled};
-use super::wal_push::{PushOutcome, wal_push, wal_push_fs};
+use super::wal_push::{PushOutcome, wal_push, wal_push_fs, wal_push_fs_ahead};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RepoArg {
@@ -267,6 +267,11 @@ pub enum RepoCmd {
 pub struct WalPushArgs {
     /// Path of the WAL file (`%p`).
     pub path: PathBuf,
+    /// Read-ahead (fs locations, needs spool_dir): after this segment, a detached pusher
+    /// stores the next N `.ready` segments, so PostgreSQL's later calls for them only verify
+    /// (hash) and return. 0: off.
+    #[arg(long, default_value_t = 0)]
+    pub push_ahead: usize,
     #[command(flatten)]
     pub repo: RepoArg,
 }
@@ -371,7 +376,12 @@ fn wal_fast_path(cmd: &Command) -> Option<ExitCode> {
             if !matches!(cfg.location, Location::Fs { .. }) {
                 return None;
             }
-            match wal_push_fs(&cfg, &a.path) {
+            let pushed = if a.push_ahead > 0 {
+                wal_push_fs_ahead(&cfg, &a.path, a.push_ahead)
+            } else {
+                wal_push_fs(&cfg, &a.path)
+            };
+            match pushed {
                 Ok(_) => Some(ExitCode::SUCCESS),
                 Err(e) => {
                     fail(anyhow::Error::new(e).context(format!("archive {}", a.path.display())))

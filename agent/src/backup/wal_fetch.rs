@@ -170,11 +170,18 @@ fn kick_prefetcher(spool: &Path, window: &[String]) {
 }
 
 fn try_lock(spool: &Path) -> std::io::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    try_lock_file(&spool.join(LOCK_FILE))
+}
+
+/// A non-blocking exclusive `flock` on `path` (created if absent); None when it is held.
+pub(crate) fn try_lock_file(
+    path: &Path,
+) -> std::io::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(spool.join(LOCK_FILE))?;
+        .open(path)?;
     match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(l) => Ok(Some(l)),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),

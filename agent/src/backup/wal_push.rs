@@ -18,6 +18,15 @@
 //! hard link to the real name (which, unlike a rename, never replaces an object another pusher
 //! stored meanwhile) and an fsync of the directory: exit 0 means the object and its name are
 //! on disk. Remote locations go through opendal ([`wal_push`]).
+//!
+//! Read-ahead (`--push-ahead N`, optional, like pgBackRest's asynchronous archiving): after
+//! its own segment is durable, a call starts one detached pusher (one at a time, `flock`) that
+//! stores the next N `.ready` segments of the same `pg_wal` and records each, once durable, in
+//! `<spool_dir>/pushed/<segment>` (hash + the file's device, inode, size, mtime). PostgreSQL's
+//! later call for such a segment returns 0 after checking that the archived object exists with
+//! the recorded hash in its header and that the file is the one the pusher read (else it hashes
+//! the file again; a different file is still refused). The repository format is unchanged;
+//! the records are local and only ever shortcut a check, never a store.
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -134,6 +143,11 @@ pub async fn wal_push(repo: &Repository, path: &Path) -> BackupResult<PushOutcom
 /// Archive one WAL file into an fs location without an async runtime (see the module docs).
 /// Same contract and the same objects as [`wal_push`].
 pub fn wal_push_fs(cfg: &RepoConfig, path: &Path) -> BackupResult<PushOutcome> {
+    push_fs_hashed(cfg, path).map(|(o, _)| o)
+}
+
+/// [`wal_push_fs`], also returning the plaintext hash (the read-ahead pusher records it).
+fn push_fs_hashed(cfg: &RepoConfig, path: &Path) -> BackupResult<(PushOutcome, ChunkId)> {
     let file_name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -156,7 +170,11 @@ pub fn wal_push_fs(cfg: &RepoConfig, path: &Path) -> BackupResult<PushOutcome> {
     }
     if dest.exists() {
         let plain = read_all(&file, path, len as usize)?;
-        return compare_archived(&key, &name, &file_name, &dest, key.hash(&plain));
+        let hash = key.hash(&plain);
+        return Ok((
+            compare_archived(&key, &name, &file_name, &dest, hash)?,
+            hash,
+        ));
     }
     let level = cfg.wal_compression_level;
     let (plain, hash, pieces) = read_hash_compress(&key, &file, path, len as usize, level)?;
@@ -167,11 +185,225 @@ pub fn wal_push_fs(cfg: &RepoConfig, path: &Path) -> BackupResult<PushOutcome> {
     match store_no_replace(&root, &dest, &file_name, &sealed)? {
         true => {
             debug!(wal = %file_name, stored, "archived");
-            Ok(PushOutcome::Stored)
+            Ok((PushOutcome::Stored, hash))
         }
         // Another pusher stored that name between our check and our link.
-        false => compare_archived(&key, &name, &file_name, &dest, hash),
+        false => Ok((
+            compare_archived(&key, &name, &file_name, &dest, hash)?,
+            hash,
+        )),
     }
+}
+
+/// Environment variable that turns a `wal-push` process into the read-ahead pusher.
+pub const AHEAD_ENV: &str = "DR_WAL_PUSH_AHEAD";
+const AHEAD_LOCK: &str = ".push-ahead.lock";
+/// `<spool>/pushed/<segment>`: the hex plaintext hash of a segment the read-ahead pusher
+/// stored durably and the identity (device, inode, size, mtime) of the file it read, written
+/// (temp + rename) only after the object and its name were fsynced.
+const PUSHED_DIR: &str = "pushed";
+
+/// `wal-push --push-ahead N` (fs locations; see the module docs): like [`wal_push_fs`], but a segment the read-ahead pusher already
+/// stored is answered by checking that the file is the one it read (same inode, size and
+/// mtime, else by hashing it again) and that the archived object's header holds the recorded
+/// hash (no compression, no write); afterwards a detached pusher stores the next `ahead`
+/// `.ready` segments of the same `pg_wal` while PostgreSQL is still busy with this one.
+pub fn wal_push_fs_ahead(cfg: &RepoConfig, path: &Path, ahead: usize) -> BackupResult<PushOutcome> {
+    let spool = cfg.spool_dir.as_ref().ok_or_else(|| {
+        BackupError::Invalid(
+            "--push-ahead needs spool_dir in the repository config (it records the segments \
+             pushed ahead); set spool_dir or drop --push-ahead"
+                .into(),
+        )
+    })?;
+    if std::env::var_os(AHEAD_ENV).is_some() {
+        run_ahead(cfg, spool, path, ahead);
+        return Ok(PushOutcome::Stored);
+    }
+    let outcome = match pushed_ahead(cfg, spool, path)? {
+        Some(o) => o,
+        None => wal_push_fs(cfg, path)?,
+    };
+    kick_ahead(spool, path, ahead);
+    Ok(outcome)
+}
+
+fn file_name_of(path: &Path) -> BackupResult<String> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_string)
+        .ok_or_else(|| BackupError::Invalid(format!("{} has no file name", path.display())))
+}
+
+/// Some: the read-ahead pusher stored this very content (the file's hash equals the one it
+/// recorded and the one in the archived object's header). None: push it the normal way.
+fn pushed_ahead(cfg: &RepoConfig, spool: &Path, path: &Path) -> BackupResult<Option<PushOutcome>> {
+    let file_name = file_name_of(path)?;
+    let marker = spool.join(PUSHED_DIR).join(&file_name);
+    let Ok(text) = std::fs::read_to_string(&marker) else {
+        return Ok(None);
+    };
+    let _ignored = std::fs::remove_file(&marker);
+    let mut fields = text.split_whitespace();
+    let Some(Ok(recorded)) = fields.next().map(str::parse::<ChunkId>) else {
+        return Ok(None);
+    };
+    let recorded_identity = fields.next().unwrap_or_default().to_string();
+    let name = wal_object_name(&file_name)?;
+    let (root, key) = Repository::open_fs_blocking(cfg)?;
+    let file = std::fs::File::open(path)
+        .map_err(|e| BackupError::io(format!("open {}", path.display()), e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| BackupError::io(format!("stat {}", path.display()), e))?;
+    let len = meta.len();
+    if len > MAX_WAL_SIZE as u64 {
+        return Ok(None);
+    }
+    // The very file the pusher hashed (same inode, size and mtime; PostgreSQL never writes a
+    // segment once it is .ready): its recorded hash stands. Otherwise hash it again.
+    let hash = if identity(&meta) == recorded_identity {
+        recorded
+    } else {
+        key.hash(&read_all(&file, path, len as usize)?)
+    };
+    if hash != recorded {
+        return Ok(None);
+    }
+    let mut header = [0u8; HEADER_LEN];
+    let archived = std::fs::File::open(root.join(&name))
+        .and_then(|f| f.read_exact_at(&mut header, 0))
+        .is_ok();
+    if archived && RepoKey::peek_hash(&name, &header)? == hash {
+        debug!(wal = %file_name, "already pushed ahead");
+        return Ok(Some(PushOutcome::AlreadyArchived));
+    }
+    Ok(None)
+}
+
+/// Device, inode, size and modification time of a file, as one token.
+fn identity(m: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "{}:{}:{}:{}.{}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec()
+    )
+}
+
+/// The `.ready` segments after `file_name` in `<pg_wal>/archive_status`, oldest first.
+fn ready_after(path: &Path, file_name: &str, n: usize) -> Vec<String> {
+    let Some(status) = path.parent().map(|d| d.join("archive_status")) else {
+        return Vec::new();
+    };
+    let Ok(rd) = std::fs::read_dir(status) else {
+        return Vec::new();
+    };
+    let mut v: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter_map(|n| n.strip_suffix(".ready").map(str::to_string))
+        .filter(|n| n.len() == 24 && n.as_str() > file_name && n[..8] == file_name[..8])
+        .filter(|n| wal_object_name(n).is_ok())
+        .collect();
+    v.sort();
+    v.truncate(n);
+    v
+}
+
+/// Start the read-ahead pusher when segments after this one wait and none is running.
+fn kick_ahead(spool: &Path, path: &Path, ahead: usize) {
+    let Ok(file_name) = file_name_of(path) else {
+        return;
+    };
+    let pushed = spool.join(PUSHED_DIR);
+    // Records of segments PostgreSQL never asked for (it moved past them): stale.
+    if let Ok(rd) = std::fs::read_dir(&pushed) {
+        for e in rd.filter_map(|e| e.ok()) {
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n < file_name.as_str())
+            {
+                let _ignored = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let todo = ready_after(path, &file_name, ahead);
+    if todo.iter().all(|n| pushed.join(n).exists()) {
+        return;
+    }
+    if std::fs::create_dir_all(&pushed).is_err() {
+        return;
+    }
+    match super::wal_fetch::try_lock_file(&spool.join(AHEAD_LOCK)) {
+        Ok(Some(lock)) => drop(lock),
+        _ => return,
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) if exe.file_name().is_some_and(|n| n == "dr-agent") => exe,
+        _ => return,
+    };
+    use std::os::unix::process::CommandExt;
+    let spawned = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(AHEAD_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn();
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the wal read-ahead pusher; archiving continues without it");
+    }
+}
+
+/// The read-ahead pusher: store the next `ahead` `.ready` segments after `path` (one at a
+/// time; each push already uses two threads) and record each once it is durable.
+fn run_ahead(cfg: &RepoConfig, spool: &Path, path: &Path, ahead: usize) {
+    let Ok(lock) = super::wal_fetch::try_lock_file(&spool.join(AHEAD_LOCK)) else {
+        return;
+    };
+    let Some(lock) = lock else {
+        return;
+    };
+    let Ok(file_name) = file_name_of(path) else {
+        return;
+    };
+    let pushed = spool.join(PUSHED_DIR);
+    let Some(dir) = path.parent() else {
+        return;
+    };
+    for n in ready_after(path, &file_name, ahead) {
+        let marker = pushed.join(&n);
+        if marker.exists() {
+            continue;
+        }
+        let p = dir.join(&n);
+        // Identity before the push: a file changed meanwhile gets a new mtime and no match.
+        let Ok(before) = std::fs::metadata(&p).map(|m| identity(&m)) else {
+            break;
+        };
+        match push_fs_hashed(cfg, &p) {
+            Ok((_, hash)) => {
+                let tmp = pushed.join(format!(".{n}.{}", std::process::id()));
+                let r = std::fs::write(&tmp, format!("{hash} {before}\n"))
+                    .and_then(|()| std::fs::rename(&tmp, &marker));
+                if r.is_err() {
+                    let _ignored = std::fs::remove_file(&tmp);
+                    break;
+                }
+            }
+            // PostgreSQL's own call will push it and report the error.
+            Err(e) => {
+                tracing::warn!(wal = %n, error = %e, "read-ahead push failed");
+                break;
+            }
+        }
+    }
+    drop(lock);
 }
 
 fn read_all(file: &std::fs::File, path: &Path, len: usize) -> BackupResult<Vec<u8>> {
