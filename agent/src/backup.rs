@@ -19,7 +19,9 @@
 //! random 24-byte nonce; the associated data binds the object's *name* and the keyed BLAKE3
 //! hash of the plaintext, which is also kept in the header. Opening an object authenticates it
 //! (a flipped bit or an object moved to another name fails), then decompresses and re-hashes
-//! it, so every object is checksummed end to end.
+//! it, so every object is checksummed end to end. (Restore's hot path skips only the re-hash,
+//! because the tag already binds the hash to the compressed bytes; `key` argues it, and
+//! checks the decoded length against the manifest instead; `verify` re-hashes everything.)
 //!
 //! * **Chunks.** Files are cut into fixed 1 MiB chunks (128 PostgreSQL pages, so chunk
 //!   boundaries are page boundaries). A chunk's id is `BLAKE3_keyed(id_key, plaintext)`: keyed,
