@@ -278,6 +278,119 @@ async fn start(
     }))
 }
 
+/// What `DeleteBackups` would commit: validated against the policy and the catalog (the
+/// approval launcher calls it again, on the state at approval time).
+pub(crate) fn delete_command(
+    state: &state::State,
+    r: &pb::DeleteBackupsRequest,
+) -> Result<(Command, pb::DeleteBackupsResponse), ApiError> {
+    let policy = state.catalog.policy.as_ref().ok_or_else(|| {
+        ApiError::FailedPrecondition("no backup policy yet: nothing can be deleted".into())
+    })?;
+    if r.ids.is_empty() {
+        return Err(ApiError::InvalidArgument(
+            "name the backups to delete (ids from `drctl backup list`)".into(),
+        ));
+    }
+    let mut entries = Vec::new();
+    for id in &r.ids {
+        let b = state.catalog.backups.get(id).ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no backup {id} in the catalog; see `drctl backup list`"
+            ))
+        })?;
+        entries.push(b);
+    }
+    let location = if r.location.is_empty() {
+        let mut locs: Vec<&String> = entries.iter().flat_map(|b| b.locations.keys()).collect();
+        locs.sort();
+        locs.dedup();
+        match locs.as_slice() {
+            [one] => (*one).clone(),
+            _ => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "the backups are stored at several locations ({}): choose one with --location",
+                    locs.iter()
+                        .map(|l| l.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+    } else {
+        r.location.clone()
+    };
+    let loc = policy
+        .locations
+        .iter()
+        .find(|l| l.name == location)
+        .ok_or_else(|| {
+            ApiError::InvalidArgument(format!("no location {location} in the backup policy"))
+        })?;
+    if loc.prune_host.is_empty() || loc.prune_repo_config.is_empty() {
+        return Err(ApiError::FailedPrecondition(format!(
+            "location {location} has no prune_host / prune_repo_config in the policy: nothing would ever delete there; add them first"
+        )));
+    }
+    let mut marked = Vec::new();
+    let mut already = Vec::new();
+    for b in &entries {
+        match b.locations.get(&location) {
+            None => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "backup {} is not stored at {location}",
+                    b.id
+                )));
+            }
+            Some(p) if p.marked_for_delete_at_unix_ms != 0 => already.push(b.id.clone()),
+            Some(_) => marked.push(b.id.clone()),
+        }
+    }
+    // Never leave a database without a physical backup at this location.
+    for b in &entries {
+        if !matches!(b.kind, Kind::Full | Kind::Incr) {
+            continue;
+        }
+        let remaining = state.catalog.backups.values().any(|o| {
+            o.db == b.db
+                && matches!(o.kind, Kind::Full | Kind::Incr)
+                && !marked.contains(&o.id)
+                && o.locations
+                    .get(&location)
+                    .is_some_and(|p| p.marked_for_delete_at_unix_ms == 0)
+        });
+        if !remaining {
+            return Err(ApiError::FailedPrecondition(format!(
+                "deleting these would leave database {} without a physical backup at {location}; take a new backup first or keep {}",
+                b.db, b.id
+            )));
+        }
+    }
+    let grace_ms =
+        i64::try_from(policy.prune_grace_secs.saturating_mul(1000)).unwrap_or(i64::MAX / 4);
+    let cmd = Command::Backup(BackupCommand::MarkForDelete {
+        location: location.clone(),
+        ids: marked.clone(),
+    });
+    Ok((
+        cmd,
+        pb::DeleteBackupsResponse {
+            location,
+            marked,
+            already_marked: already,
+            delete_after_unix_ms: now_unix_ms().saturating_add(grace_ms),
+        },
+    ))
+}
+
+/// The approval launcher of kind `prune`: the stored request, validated again now.
+pub(crate) fn build_delete_launch(ctx: &Ctx, payload_json: &str) -> ApiResult<Command> {
+    let r: pb::DeleteBackupsRequest = serde_json::from_str(payload_json).map_err(|e| {
+        ApiError::InvalidArgument(format!("the stored delete request is unreadable: {e}"))
+    })?;
+    ctx.node.read(|s| delete_command(s, &r)).map(|(cmd, _)| cmd)
+}
+
 fn policy_or_refuse(ctx: &Ctx) -> Result<BackupPolicy, Status> {
     ctx.node.read(|s| s.catalog.policy.clone()).ok_or_else(|| {
         ApiError::FailedPrecondition(
@@ -474,6 +587,34 @@ impl pb::backup_service_server::BackupService for BackupApi {
             locations: n(counts.1),
             databases: n(counts.2),
         }))
+    }
+
+    async fn delete_backups(
+        &self,
+        req: Request<pb::DeleteBackupsRequest>,
+    ) -> Result<Response<pb::DeleteBackupsResponse>, Status> {
+        let origin = authorize(&self.ctx, &req, "DeleteBackups", Permission::Admin)?;
+        let r = req.into_inner();
+        let (cmd, resp) = self.ctx.node.read(|s| delete_command(s, &r))?;
+        if resp.marked.is_empty() {
+            return Ok(Response::new(resp));
+        }
+        let target = format!("{} at {}", resp.marked.join(","), resp.location);
+        super::security::gate(
+            &self.ctx,
+            &origin,
+            super::security::ApprovalKind::Prune,
+            &target,
+            &r,
+        )
+        .await?;
+        if let state::Response::Refused { refusal } =
+            write(&self.ctx, &origin.to_string(), cmd).await?
+        {
+            return Err(ApiError::Refused(refusal).into());
+        }
+        info!(identity = %origin, location = %resp.location, ids = ?resp.marked, reason = %r.reason, "backups marked for deletion");
+        Ok(Response::new(resp))
     }
 
     async fn get_policy(

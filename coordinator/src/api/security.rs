@@ -121,9 +121,7 @@ pub async fn build_launch(
         }
         ApprovalKind::Isolate => super::response::build_isolate_launch(ctx, payload_json),
         ApprovalKind::RotateCredentials => super::response::build_rotate_launch(ctx, payload_json),
-        other => Err(ApiError::FailedPrecondition(format!(
-            "no launcher is registered for {other} requests in this coordinator version; reject the request and run the operation after the policy allows it"
-        ))),
+        ApprovalKind::Prune => super::backup::build_delete_launch(ctx, payload_json),
     }
 }
 

@@ -60,6 +60,19 @@ pub enum BackupCmd {
         #[arg(long)]
         to: String,
     },
+    /// Delete backups at a location (admin; gated by the approvals policy, kind `prune`):
+    /// marks them as retention does; the location's prune host deletes them after the
+    /// policy's grace. Refused when a database would be left without a physical backup.
+    Delete {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Default: the one location the backups are stored at.
+        #[arg(long)]
+        location: Option<String>,
+        /// Why (recorded in the approval request and the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// The backup policy: databases, locations, schedules, retention.
     #[command(subcommand)]
     Policy(PolicyCmd),
@@ -261,6 +274,39 @@ pub async fn run(client: &Client, cmd: BackupCmd, format: OutputFormat) -> anyho
                 return Err(
                     JobFailed(format!("verify found problems: {}", failed.join(" | "))).into(),
                 );
+            }
+            Ok(())
+        }
+        BackupCmd::Delete {
+            ids,
+            location,
+            reason,
+        } => {
+            let req = pb::DeleteBackupsRequest {
+                ids,
+                location: location.unwrap_or_default(),
+                reason,
+            };
+            let resp = backup_call(client, "backup delete", |mut c| {
+                let req = req.clone();
+                async move { c.delete_backups(req).await }
+            })
+            .await?;
+            match format {
+                OutputFormat::Json => println!("{}", json(&resp)),
+                OutputFormat::Text => {
+                    if !resp.marked.is_empty() {
+                        println!(
+                            "marked for deletion at {}: {}; the prune host deletes them after {} (until then they stay restorable)",
+                            resp.location,
+                            resp.marked.join(", "),
+                            timestamp(resp.delete_after_unix_ms)
+                        );
+                    }
+                    if !resp.already_marked.is_empty() {
+                        println!("already marked: {}", resp.already_marked.join(", "));
+                    }
+                }
             }
             Ok(())
         }

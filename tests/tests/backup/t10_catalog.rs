@@ -168,6 +168,8 @@ name = "primary"
 tier = "primary"
 jurisdiction = "cn"
 repo_config = "{}"
+prune_host = "{HOST}"
+prune_repo_config = "{}"
 
 [[locations]]
 name = "nowhere"
@@ -182,6 +184,7 @@ jurisdiction = "sg"
 repo_config = "{}"
 copier_host = "{HOST}"
 "#,
+            repo_cfg.display(),
             repo_cfg.display(),
             missing_cfg.display(),
             overseas_cfg.display()
@@ -365,6 +368,57 @@ copier_host = "{HOST}"
     if list.len() != 2 {
         bail!("no entry for a failed backup: {list:?}");
     }
+
+    info!("--- deleting backups (prune kind) waits for a second admin");
+    cluster
+        .drctl_json(["approvals", "policy", "set", "--require", "prune"])
+        .await?;
+    let out = cluster
+        .drctl(["backup", "delete", &full_id, &incr_id])
+        .await?;
+    let msg = text(&out);
+    ensure!(
+        !out.status.success() && msg.contains("without a physical backup"),
+        "deleting every physical backup must be refused: {msg}"
+    );
+    let out = cluster
+        .drctl(["backup", "delete", &full_id, "--reason", "t10"])
+        .await?;
+    let msg = text(&out);
+    ensure!(
+        !out.status.success() && msg.contains("needs approval"),
+        "a gated delete must wait: {msg}"
+    );
+    let request = msg
+        .split_whitespace()
+        .find(|w| w.starts_with("R-"))
+        .map(|w| w.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '-'))
+        .context("no request id in the answer")?
+        .to_owned();
+    let unmarked = |b: &Value| {
+        b.to_string().contains("\"marked_for_delete_at_unix_ms\":0")
+            || !b.to_string().contains("marked_for_delete_at_unix_ms")
+    };
+    let b = cluster.drctl_json(["backup", "show", &full_id]).await?;
+    ensure!(unmarked(&b), "not marked before approval: {b}");
+    let endpoints: Vec<String> = cluster
+        .coord_ids()
+        .into_iter()
+        .map(|id| cluster.coord_listen(id).map(|a| a.to_string()))
+        .collect::<Result<_>>()?;
+    let bob = cluster.pki.operator("bob", "admin").await?;
+    let bob = cluster.write_drctl_config("bob", &endpoints, &bob)?;
+    let out = cluster
+        .drctl_with(&bob, ["approve", &request, "--output", "json"])
+        .await?;
+    ensure!(out.status.success(), "approve {request}: {}", text(&out));
+    let b = cluster.drctl_json(["backup", "show", &full_id]).await?;
+    ensure!(!unmarked(&b), "marked after the second admin approved: {b}");
+    let list = rows(&cluster.drctl_json(["backup", "list"]).await?);
+    ensure!(
+        list.len() == 2,
+        "still listed (and restorable) until the grace passes: {list:?}"
+    );
 
     drop(pg);
     cluster.shutdown().await
