@@ -16,7 +16,7 @@
 //! dr-agent restore      --repo-config F [--backup ID|latest] --target DIR [--no-recovery]
 //!                       [--to-time T | --to-lsn L | --to-xid X | --to-name N | --immediate]
 //!                       [--target-action promote|pause] [--timeline TL] [--port P] [--start]
-//! dr-agent wal-push %p  --repo-config F            archive_command
+//! dr-agent wal-push %p  --repo-config F [--push-ahead N]   archive_command
 //! dr-agent wal-fetch %f %p --repo-config F         restore_command (exit 1 if absent)
 //! ```
 //! Exit codes: 0 success; 1 failure (or, for wal-fetch, "no such file"); errors go to stderr
