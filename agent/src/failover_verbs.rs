@@ -10,7 +10,9 @@
 //! Heartbeat facts (set by [`spawn_tasks`] every heartbeat while `[postgres]` is configured):
 //! `pg.role` (primary|replica|stopped|unknown), `pg.lsn`, `pg.replay_lsn`, `pg.lag_bytes`,
 //! `pg.lag_seconds`, `pg.timeline`, `pg.epoch`, `pg.fenced`, `pg.wal_receiver`,
-//! `pg.system_identifier`, `pg.replicas`.
+//! `pg.system_identifier`, `pg.replicas`, and on a replica `pg.primary_end_lsn` /
+//! `pg.primary_end_at` (the primary's end of WAL as last heard, kept while the receiver is
+//! down: a coordinator leader elected after the primary was lost estimates the loss from it).
 //!
 //! Fencing epochs arrive twice on purpose: the executor refuses a command whose
 //! `Command.epoch` is older than one already seen for the cluster (before anything runs), and
@@ -98,6 +100,7 @@ pub fn spawn_tasks(
             async move {
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut primary_end = crate::pg::PrimaryEndMemory::default();
                 loop {
                     tokio::select! {
                         _ = cancel.cancelled() => return,
@@ -105,7 +108,7 @@ pub fn spawn_tasks(
                     }
                     // Replace, not merge: a WAL receiver that stopped must stop being
                     // reported as streaming (the region detector waits for exactly that).
-                    match pg.facts().await {
+                    match pg.status().await.map(|s| primary_end.facts(&s)) {
                         Ok(facts) => session.replace_facts(
                             "pg.",
                             facts.into_iter().map(|(k, v)| (format!("pg.{k}"), v)),

@@ -45,7 +45,7 @@ pub use conninfo::Conninfo;
 pub use lsn::Lsn;
 pub use markers::{Epoch, FenceMarker};
 pub use process::ControlData;
-pub use status::{PgStatus, ReplicationClient, Role, WalReceiver};
+pub use status::{PgStatus, PrimaryEndMemory, ReplicationClient, Role, WalReceiver};
 
 use markers::Markers;
 use process::Runner;
@@ -431,7 +431,8 @@ impl PgInstance {
                 .and_then(|t| u32::try_from(t).ok());
             let w = sqlx::query(
                 "select status, coalesce(sender_host, ''), coalesce(sender_port, 0), coalesce(slot_name, ''),
-                        received_tli, flushed_lsn::text, extract(epoch from last_msg_receipt_time)::float8
+                        received_tli, flushed_lsn::text, extract(epoch from last_msg_receipt_time)::float8,
+                        latest_end_lsn::text, extract(epoch from latest_end_time)::float8
                    from pg_stat_wal_receiver",
             )
             .fetch_optional(&mut c)
@@ -460,6 +461,16 @@ impl PgInstance {
                         .and_then(|t| t.parse().ok()),
                     last_msg_receipt: w
                         .try_get::<Option<f64>, _>(6)
+                        .ok()
+                        .flatten()
+                        .and_then(unix_to_utc),
+                    latest_end_lsn: w
+                        .try_get::<Option<String>, _>(7)
+                        .ok()
+                        .flatten()
+                        .and_then(|t| t.parse().ok()),
+                    latest_end_time: w
+                        .try_get::<Option<f64>, _>(8)
                         .ok()
                         .flatten()
                         .and_then(unix_to_utc),

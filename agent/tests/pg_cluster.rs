@@ -73,9 +73,19 @@ async fn t10_switchover_rewind_and_epochs() {
         let w = rs.wal_receiver.as_ref().unwrap();
         assert_eq!(w.status, "streaming");
         assert_eq!(w.slot_name, "shanghai");
+        // The primary's end of WAL as the replica heard it: what a leader that never heard
+        // the primary itself estimates a forced failover's loss from.
+        let flushed = w.flushed_lsn.unwrap();
+        assert!(flushed >= target, "flushed {flushed} < written {target}");
+        let end = w.latest_end_lsn.unwrap();
+        assert!(end >= flushed, "latest_end_lsn {end} < flushed {flushed}");
+        assert!(w.latest_end_time.is_some());
         let rf = rs.facts();
         assert_eq!(rf["role"], "replica");
         assert!(rf.contains_key("replay_lsn") && rf.contains_key("lag_bytes"));
+        assert_eq!(rf["primary_end_lsn"], end.to_string());
+        assert!(rf.contains_key("primary_end_at"));
+        assert!(!pf.contains_key("primary_end_lsn"));
         assert_eq!(new.count("t").await, 100);
     }
 

@@ -59,6 +59,11 @@ pub struct WalReceiver {
     pub received_timeline: u32,
     pub flushed_lsn: Option<Lsn>,
     pub last_msg_receipt: Option<DateTime<Utc>>,
+    /// `latest_end_lsn`: the sender's end of WAL as its last message or keepalive reported
+    /// it. After the primary is lost this is the best this replica knows of its position.
+    pub latest_end_lsn: Option<Lsn>,
+    /// `latest_end_time`: when the sender reported `latest_end_lsn` (its clock).
+    pub latest_end_time: Option<DateTime<Utc>>,
 }
 
 /// Snapshot from [`super::PgInstance::status`].
@@ -128,7 +133,8 @@ impl PgStatus {
 
     /// Flat string facts for heartbeats. Keys are stable: the coordinator reads them.
     /// role, lsn, replay_lsn, lag_bytes, lag_seconds, timeline, epoch, fenced, system_identifier,
-    /// replicas (primary), wal_receiver (replica). Absent when unknown.
+    /// replicas (primary), wal_receiver, primary_end_lsn, primary_end_at (replica). Absent when
+    /// unknown.
     pub fn facts(&self) -> BTreeMap<String, String> {
         let mut f = BTreeMap::new();
         f.insert("role".into(), self.role().as_str().into());
@@ -161,6 +167,52 @@ impl PgStatus {
         }
         if let Some(w) = &self.wal_receiver {
             f.insert("wal_receiver".into(), w.status.clone());
+            if let Some(l) = w.latest_end_lsn {
+                f.insert("primary_end_lsn".into(), l.to_string());
+                if let Some(t) = w.latest_end_time {
+                    f.insert("primary_end_at".into(), fact_time(t));
+                }
+            }
+        }
+        f
+    }
+}
+
+fn fact_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The primary's end of WAL as this replica last heard it, kept across heartbeats.
+///
+/// Why: `pg_stat_wal_receiver` has no row while the receiver is down, which is exactly the
+/// state after the primary's region is lost, when a forced failover needs the number (a
+/// coordinator leader elected after the loss never heard the primary's own LSN). Held in the
+/// agent's memory only: a restarted agent knows it again once the receiver reconnects.
+#[derive(Clone, Debug, Default)]
+pub struct PrimaryEndMemory {
+    last: Option<(Lsn, Option<DateTime<Utc>>)>,
+}
+
+impl PrimaryEndMemory {
+    /// [`PgStatus::facts`] plus `primary_end_lsn` / `primary_end_at` remembered from an
+    /// earlier status while this server is still a replica (or stopped). Forgotten once it is
+    /// a primary: there is no upstream any more.
+    pub fn facts(&mut self, s: &PgStatus) -> BTreeMap<String, String> {
+        let mut f = s.facts();
+        if s.role() == Role::Primary {
+            self.last = None;
+            return f;
+        }
+        if let Some(w) = &s.wal_receiver
+            && let Some(l) = w.latest_end_lsn
+        {
+            self.last = Some((l, w.latest_end_time));
+        }
+        if let (Some((l, at)), false) = (self.last, f.contains_key("primary_end_lsn")) {
+            f.insert("primary_end_lsn".into(), l.to_string());
+            if let Some(t) = at {
+                f.insert("primary_end_at".into(), fact_time(t));
+            }
         }
         f
     }
@@ -213,5 +265,48 @@ mod tests {
         assert_eq!(f["replay_lsn"], "0/100");
         assert_eq!(f["lag_bytes"], "256");
         assert_eq!(f["lag_seconds"], "1.500");
+        assert!(!f.contains_key("primary_end_lsn"));
+    }
+
+    #[test]
+    fn primary_end_is_remembered_while_the_receiver_is_down_and_forgotten_on_promotion() {
+        let at = DateTime::from_timestamp(1_700_000_000, 0).expect("valid time");
+        let streaming = PgStatus {
+            running: true,
+            in_recovery: Some(true),
+            replay_lsn: Some(Lsn(0x100)),
+            wal_receiver: Some(WalReceiver {
+                status: "streaming".into(),
+                sender_host: "bj-db-1".into(),
+                sender_port: 5432,
+                slot_name: "shanghai".into(),
+                received_timeline: 1,
+                flushed_lsn: Some(Lsn(0x180)),
+                last_msg_receipt: Some(at),
+                latest_end_lsn: Some(Lsn(0x200)),
+                latest_end_time: Some(at),
+            }),
+            ..stopped()
+        };
+        let mut mem = PrimaryEndMemory::default();
+        let f = mem.facts(&streaming);
+        assert_eq!(f["primary_end_lsn"], "0/200");
+        assert_eq!(f["primary_end_at"], "2023-11-14T22:13:20.000Z");
+
+        let receiver_gone = PgStatus {
+            wal_receiver: None,
+            ..streaming.clone()
+        };
+        assert!(!receiver_gone.facts().contains_key("primary_end_lsn"));
+        let f = mem.facts(&receiver_gone);
+        assert_eq!(f["primary_end_lsn"], "0/200");
+        assert_eq!(f["primary_end_at"], "2023-11-14T22:13:20.000Z");
+
+        let promoted = PgStatus {
+            in_recovery: Some(false),
+            ..receiver_gone
+        };
+        assert!(!mem.facts(&promoted).contains_key("primary_end_lsn"));
+        assert!(!mem.facts(&stopped()).contains_key("primary_end_lsn"));
     }
 }
