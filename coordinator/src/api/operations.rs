@@ -18,7 +18,7 @@ use super::auth::{Permission, authorize};
 use super::error::{ApiError, ApiResult};
 use super::now_unix_ms;
 use crate::Ctx;
-use crate::control::failover::choose_candidate;
+use crate::control::failover::{choose_candidate, estimate_loss};
 use crate::control::plan_executor::member_facts;
 use crate::state::operations::plans::{
     failback_switchover, planned_switchover, split_traffic, unplanned_failover,
@@ -142,18 +142,8 @@ impl OperationsApi {
                 })?,
         };
         let mut warnings = Vec::new();
-        let primary_lsn = members
-            .iter()
-            .find(|m| m.host == cs.primary_host)
-            .and_then(|m| m.lsn);
-        let cand_lsn = members
-            .iter()
-            .find(|m| m.host == candidate)
-            .and_then(|m| m.replay_lsn);
-        let loss = match (primary_lsn, cand_lsn) {
-            (Some(p), Some(r)) => p.saturating_sub(r),
-            _ => 0,
-        };
+        let estimate = estimate_loss(&members, &cs.primary_host, &candidate);
+        let loss = estimate.bytes;
         let reason = if req.reason.is_empty() {
             format!("requested: move {cluster} to {}", req.to_region)
         } else {
@@ -170,9 +160,9 @@ impl OperationsApi {
         }
         let op = if req.force {
             warnings.push(format!(
-                "forced failover: the old primary {} is not stopped cleanly; writes it acknowledged after {candidate}'s replay position are lost (estimated {loss} bytes of WAL{})",
+                "forced failover: the old primary {} is not stopped cleanly; writes it acknowledged after {candidate}'s replay position are lost ({})",
                 cs.primary_host,
-                if primary_lsn.is_none() { ", primary position unknown" } else { "" }
+                estimate.describe(&cs.primary_host, &candidate)
             ));
             unplanned_failover(
                 spec,
@@ -191,8 +181,9 @@ impl OperationsApi {
                 .any(|m| m.host == cs.primary_host && m.connected);
             if leader && !old_connected {
                 return Err(ApiError::FailedPrecondition(format!(
-                    "the old primary {} is not connected, so a clean switchover is impossible; use --force for an emergency failover (estimated loss {loss} bytes)",
-                    cs.primary_host
+                    "the old primary {} is not connected, so a clean switchover is impossible; use --force for an emergency failover ({})",
+                    cs.primary_host,
+                    estimate.describe(&cs.primary_host, &candidate)
                 )));
             }
             // Failback: a target that is not streaming (an old primary after an unplanned

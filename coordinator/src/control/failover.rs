@@ -124,6 +124,11 @@ pub struct MemberFacts {
     pub lsn: Option<u64>,
     pub lag_seconds: Option<f64>,
     pub wal_receiver: Option<String>,
+    /// Replica: the primary's end of WAL as this replica last heard it (`pg_stat_wal_receiver
+    /// .latest_end_lsn`, kept by the agent while its receiver is down).
+    pub primary_end_lsn: Option<u64>,
+    /// When the primary reported `primary_end_lsn` (RFC 3339, the primary's clock).
+    pub primary_end_at: Option<String>,
 }
 
 impl MemberFacts {
@@ -141,7 +146,85 @@ impl MemberFacts {
             lsn: fact(f, "lsn").and_then(parse_lsn),
             lag_seconds: fact(f, "lag_seconds").and_then(|v| v.parse().ok()),
             wal_receiver: fact(f, "wal_receiver").map(str::to_owned),
+            primary_end_lsn: fact(f, "primary_end_lsn").and_then(parse_lsn),
+            primary_end_at: fact(f, "primary_end_at").map(str::to_owned),
         }
+    }
+}
+
+/// Where a forced failover's data-loss estimate comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LossBasis {
+    /// The old primary's own last LSN, reported live to this leader.
+    Primary,
+    /// The old primary's end of WAL as the candidate's WAL receiver last heard it: used when
+    /// this leader never heard the primary (elected after it was lost). Writes the primary
+    /// made after that are not counted.
+    SeenByCandidate { at: Option<String> },
+    /// Neither position is known, or the candidate's replay position is not.
+    Unknown,
+}
+
+/// Estimated bytes of WAL a forced failover loses: the old primary's last position minus the
+/// candidate's replay position (WAL received but not yet replayed is counted, so this errs
+/// high).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossEstimate {
+    pub bytes: u64,
+    pub basis: LossBasis,
+}
+
+impl LossEstimate {
+    /// For operators: the number and what it rests on.
+    pub fn describe(&self, primary: &str, candidate: &str) -> String {
+        match &self.basis {
+            LossBasis::Primary => format!(
+                "estimated {} bytes of WAL: {primary}'s last reported position minus {candidate}'s replay position",
+                self.bytes
+            ),
+            LossBasis::SeenByCandidate { at } => format!(
+                "estimated {} bytes of WAL: {primary}'s last position as seen by {candidate}{}; writes after that are not counted ({primary} never reported to this coordinator leader)",
+                self.bytes,
+                at.as_deref()
+                    .map(|t| format!(" at {t}"))
+                    .unwrap_or_default()
+            ),
+            LossBasis::Unknown => format!(
+                "data loss unknown: this coordinator leader lacks {candidate}'s replay position or any last position of {primary} (its own report or {candidate}'s view of it)"
+            ),
+        }
+    }
+}
+
+/// Picks the best known position of the old primary: its own report when this leader has
+/// one, else the candidate's last view of it. Pure.
+pub fn estimate_loss(members: &[MemberFacts], primary: &str, candidate: &str) -> LossEstimate {
+    let unknown = LossEstimate {
+        bytes: 0,
+        basis: LossBasis::Unknown,
+    };
+    let Some(cand) = members.iter().find(|m| m.host == candidate) else {
+        return unknown;
+    };
+    let Some(replayed) = cand.replay_lsn else {
+        return unknown;
+    };
+    let primary_lsn = members
+        .iter()
+        .find(|m| m.host == primary)
+        .and_then(|m| m.lsn);
+    match (primary_lsn, cand.primary_end_lsn) {
+        (Some(p), _) => LossEstimate {
+            bytes: p.saturating_sub(replayed),
+            basis: LossBasis::Primary,
+        },
+        (None, Some(seen)) => LossEstimate {
+            bytes: seen.saturating_sub(replayed),
+            basis: LossBasis::SeenByCandidate {
+                at: cand.primary_end_at.clone(),
+            },
+        },
+        (None, None) => unknown,
     }
 }
 
@@ -290,6 +373,62 @@ mod tests {
             &[m("sh-db-1", "shanghai", false, 5)],
         );
         assert!(none.is_err());
+    }
+
+    #[test]
+    fn loss_estimate_uses_the_primary_else_the_candidates_view_of_it() {
+        let primary = |lsn: Option<u64>| MemberFacts {
+            host: "bj-db-1".into(),
+            lsn,
+            ..Default::default()
+        };
+        let cand = |replay: Option<u64>, end: Option<u64>| MemberFacts {
+            host: "sh-db-1".into(),
+            connected: true,
+            replay_lsn: replay,
+            primary_end_lsn: end,
+            primary_end_at: end.map(|_| "2026-11-28T16:30:00.000Z".into()),
+            ..Default::default()
+        };
+        let est = |m: &[MemberFacts]| estimate_loss(m, "bj-db-1", "sh-db-1");
+
+        // Both known: the primary's own report wins.
+        let e = est(&[primary(Some(1000)), cand(Some(400), Some(900))]);
+        assert_eq!((e.bytes, &e.basis), (600, &LossBasis::Primary));
+        assert!(
+            e.describe("bj-db-1", "sh-db-1")
+                .contains("estimated 600 bytes")
+        );
+
+        // A new leader that never heard the primary: the candidate's view of it.
+        let e = est(&[primary(None), cand(Some(400), Some(900))]);
+        assert_eq!(e.bytes, 500);
+        assert_eq!(
+            e.basis,
+            LossBasis::SeenByCandidate {
+                at: Some("2026-11-28T16:30:00.000Z".into())
+            }
+        );
+        let text = e.describe("bj-db-1", "sh-db-1");
+        assert!(
+            text.contains("estimated 500 bytes of WAL")
+                && text.contains("as seen by sh-db-1 at 2026-11-28T16:30:00.000Z")
+                && text.contains("writes after that are not counted"),
+            "{text}"
+        );
+        // The primary's member absent from the facts altogether is the same case.
+        assert_eq!(est(&[cand(Some(400), Some(900))]).bytes, 500);
+
+        // Nothing to go on, or no replay position: unknown, never a silent 0.
+        let e = est(&[primary(None), cand(Some(400), None)]);
+        assert_eq!(e.basis, LossBasis::Unknown);
+        assert!(e.describe("bj-db-1", "sh-db-1").contains("unknown"));
+        assert_eq!(
+            est(&[primary(Some(1000)), cand(None, Some(900))]).basis,
+            LossBasis::Unknown
+        );
+        // Replay ahead of a stale view: 0, not an underflow.
+        assert_eq!(est(&[primary(None), cand(Some(950), Some(900))]).bytes, 0);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::failover::{MemberFacts, choose_candidate, lease_safe_at};
+use super::failover::{LossBasis, MemberFacts, choose_candidate, estimate_loss, lease_safe_at};
 use crate::Ctx;
 use crate::api::now_unix_ms;
 use crate::state::operations::{
@@ -163,29 +163,21 @@ impl PlanExecutor {
                 match choose_candidate(&spec, &op.cluster, &primary, Some(&op.to_region), &members)
                 {
                     Ok(c) => {
-                        let primary_lsn = members
-                            .iter()
-                            .find(|m| m.host == primary)
-                            .and_then(|m| m.lsn);
-                        let loss = match (primary_lsn, c.replay_lsn) {
-                            (Some(p), Some(r)) => p.saturating_sub(r),
-                            _ => 0,
-                        };
-                        info!(candidate = %c.host, loss, "candidate decided");
+                        let estimate = estimate_loss(&members, &primary, &c.host);
+                        let loss = estimate.bytes;
+                        info!(candidate = %c.host, loss, basis = ?estimate.basis, "candidate decided");
                         InternalEffect::Decided {
-                            candidate: c.host,
                             estimated_loss_bytes: loss,
                             reason: format!(
                                 "most advanced connected replica in {} (replay_lsn {}){}",
                                 op.to_region,
                                 c.replay_lsn.map_or("unknown".into(), lsn_string),
-                                if primary_lsn.is_none() {
-                                    "; the old primary's last LSN is unknown to this leader \
-                                     (it never heard from it), so the data loss is not estimated"
-                                } else {
-                                    ""
+                                match estimate.basis {
+                                    LossBasis::Primary => String::new(),
+                                    _ => format!("; {}", estimate.describe(&primary, &c.host)),
                                 }
                             ),
+                            candidate: c.host,
                         }
                     }
                     Err(why) => {

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::failover::choose_candidate;
+use super::failover::{LossBasis, choose_candidate, estimate_loss};
 use super::plan_executor::{lsn_string, member_facts};
 use crate::Ctx;
 use crate::api::now_unix_ms;
@@ -206,13 +206,18 @@ impl RegionDetector {
                     .find(|m| m.host == cs.primary_host)
                     .and_then(|m| m.lsn);
                 let replayed = candidate.as_ref().ok().and_then(|c| c.replay_lsn);
-                match (primary_lsn, replayed) {
-                    (Some(p), Some(r)) => format!(
+                let estimate = estimate_loss(&members, &cs.primary_host, &cand_host);
+                match (primary_lsn, replayed, &estimate.basis) {
+                    (Some(p), Some(r), LossBasis::Primary) => format!(
                         "{why}. Estimated data loss if forced: {} bytes of WAL ({cand_host} replayed {}, {} last reported {})",
-                        p.saturating_sub(r),
+                        estimate.bytes,
                         lsn_string(r),
                         cs.primary_host,
                         lsn_string(p)
+                    ),
+                    (_, _, LossBasis::SeenByCandidate { .. }) => format!(
+                        "{why}. Data loss if forced: {}",
+                        estimate.describe(&cs.primary_host, &cand_host)
                     ),
                     _ => format!("{why}. Estimated data loss if forced: unknown (no LSN facts)"),
                 }
