@@ -79,11 +79,25 @@ pub async fn run(client: &Client, args: FailoverArgs, format: OutputFormat) -> a
         return Ok(());
     }
     if args.force {
-        let statement = format!(
-            "forced failover to {}: estimated loss {} bytes of WAL (writes the old primary \
-             acknowledged after the candidate's replay position are lost)",
-            args.to, plan.estimated_loss_bytes
-        );
+        // The coordinator says when it cannot estimate (no report of the old primary and no
+        // view of it from the candidate): never state that as "0 bytes".
+        let statement = if plan
+            .warnings
+            .iter()
+            .any(|w| w.contains("data loss unknown"))
+        {
+            format!(
+                "forced failover to {}: the data loss is UNKNOWN (see the warning above); writes \
+                 the old primary acknowledged after the candidate's replay position are lost",
+                args.to
+            )
+        } else {
+            format!(
+                "forced failover to {}: estimated loss {} bytes of WAL (writes the old primary \
+                 acknowledged after the candidate's replay position are lost)",
+                args.to, plan.estimated_loss_bytes
+            )
+        };
         if args.yes {
             // Stated even when confirmed up front; stderr keeps --output json one document.
             match format {
