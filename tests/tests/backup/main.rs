@@ -6,3 +6,4 @@ mod t10_catalog;
 mod t20_logical_files;
 mod t30_wal_archive;
 mod t40_s3_outage;
+mod t50_schedule_leader_change;
