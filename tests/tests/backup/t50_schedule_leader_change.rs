@@ -5,6 +5,7 @@
 //! - "not twice": the leader is killed right after it issued the next slot's backup; the new
 //!   leader sees the slot marked as fired (and re-issues at most the same idempotent command
 //!   key), so that slot also has exactly one catalog entry.
+//!
 //! Each slot is checked in the catalog: entries whose start falls in the slot's minute.
 
 use std::path::Path;
