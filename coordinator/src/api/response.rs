@@ -24,7 +24,8 @@ use super::auth::{Permission, authorize};
 use super::error::{ApiError, ApiResult};
 use super::now_unix_ms;
 use crate::Ctx;
-use crate::state::security::{RevokeCert, SecurityCommand, is_sha256_hex};
+use crate::state::approvals::parse_request_name;
+use crate::state::security::{GrantError, RevokeCert, SecurityCommand, is_sha256_hex};
 use crate::state::{self, Command, NewCommand};
 
 /// Per-host deadline when the caller gives none.
@@ -45,6 +46,27 @@ fn generic(verb: &str, args: BTreeMap<String, String>) -> pb::Action {
             args: args.into_iter().collect(),
         })),
     }
+}
+
+/// A gated certificate step's "needs approval" answer, told how to continue.
+fn with_rerun_hint(st: Status, lead: &str) -> Status {
+    let Some(id) = st
+        .metadata()
+        .get(super::security::APPROVAL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    else {
+        return st;
+    };
+    let mut out = Status::new(
+        st.code(),
+        format!(
+            "{}; {lead} run again with --approved {id} after another admin approved it",
+            st.message()
+        ),
+    );
+    *out.metadata_mut() = st.metadata().clone();
+    out
 }
 
 fn timeout_of(ms: u64) -> Duration {
@@ -85,6 +107,36 @@ impl ResponseApi {
             }));
         }
         Ok(())
+    }
+
+    /// The approvals rule for a certificate rotation step: under a policy requiring
+    /// rotate-credentials, every step needs the caller's unexpired grant `approved`
+    /// (`R-N`); a grant given without a policy is checked all the same.
+    fn cert_grant(&self, origin: &SpiffeId, approved: &str) -> Result<(), Status> {
+        let kind = super::security::ApprovalKind::RotateCredentials;
+        if approved.is_empty() {
+            if self.ctx.node.read(|s| s.approvals.requires(kind)) {
+                return Err(Status::failed_precondition(format!(
+                    "needs approval: the approvals policy requires {kind}, so every certificate rotation step needs --approved R-N; run `drctl rotate-credentials --emergency --scope certs` without --approved to request it, and run again with --approved R-N after another admin approved it"
+                )));
+            }
+            return Ok(());
+        }
+        let id = parse_request_name(approved).map_err(Status::invalid_argument)?;
+        let caller = origin.to_string();
+        let now = now_unix_ms();
+        let checked = self
+            .ctx
+            .node
+            .read(|s| s.security.check_grant(id, &caller, now));
+        match checked {
+            Ok(()) => Ok(()),
+            Err(e @ GrantError::NotYours { .. }) => {
+                warn!(identity = %origin, request = approved, "certificate rotation grant of another operator refused");
+                Err(Status::permission_denied(e.to_string()))
+            }
+            Err(e) => Err(Status::failed_precondition(e.to_string())),
+        }
     }
 
     fn select(&self, sel: &pb::Selector) -> ApiResult<Vec<String>> {
@@ -320,19 +372,44 @@ pub fn build_isolate_launch(ctx: &Ctx, payload_json: &str) -> ApiResult<Command>
 
 /// Launcher of an approved `rotate-credentials` request (db/app secrets; certificates
 /// need the operator's signer and are not launched by an approval).
-pub fn build_rotate_launch(ctx: &Ctx, payload_json: &str) -> ApiResult<Command> {
+/// The launch of an approved rotation. Secrets (db, app) rotate now; certificates cannot
+/// (the flow is interactive), so scope certs and all commit a grant the requester's
+/// `--approved R-N` run then uses, all carrying the secrets fan-out first.
+pub fn build_rotate_launch(
+    ctx: &Ctx,
+    id: u64,
+    requester: &str,
+    payload_json: &str,
+) -> ApiResult<Command> {
     let r: pb::RotateCredentialsRequest = serde_json::from_str(payload_json).map_err(|e| {
         ApiError::InvalidArgument(format!("the stored rotation request is unreadable: {e}"))
     })?;
-    build_fan_out(
-        ctx,
-        &r.selector.clone().unwrap_or_default(),
-        &generic(
-            "rotate-credentials",
-            BTreeMap::from([("scope".to_owned(), r.scope.clone())]),
-        ),
-        r.timeout_ms,
-    )
+    let secrets = |scope: &str| {
+        build_fan_out(
+            ctx,
+            &r.selector.clone().unwrap_or_default(),
+            &generic(
+                "rotate-credentials",
+                BTreeMap::from([("scope".to_owned(), scope.to_owned())]),
+            ),
+            r.timeout_ms,
+        )
+    };
+    let then = match r.scope.as_str() {
+        "certs" => None,
+        "all" => Some(Box::new(secrets("all")?)),
+        other => return secrets(other),
+    };
+    let ttl_ms = ctx
+        .node
+        .read(|s| i64::try_from(s.approvals.policy.ttl_secs.saturating_mul(1000)))
+        .unwrap_or(i64::MAX / 4);
+    Ok(Command::Security(SecurityCommand::GrantCertRotation {
+        request: id,
+        requester: requester.to_owned(),
+        expires_at_unix_ms: now_unix_ms().saturating_add(ttl_ms),
+        then,
+    }))
 }
 
 fn isolate_action(r: &pb::IsolateRequest) -> pb::Action {
@@ -418,7 +495,17 @@ impl pb::response_service_server::ResponseService for ResponseApi {
                 &format!("{} on {}", r.scope, hosts.join(",")),
                 &r,
             )
-            .await?;
+            .await
+            .map_err(|st| {
+                if r.scope == "all" {
+                    with_rerun_hint(
+                        st,
+                        "the secrets rotate when it is approved; for the certificates",
+                    )
+                } else {
+                    st
+                }
+            })?;
         }
         let run = async {
             if !r.emergency {
@@ -467,6 +554,29 @@ impl pb::response_service_server::ResponseService for ResponseApi {
     ) -> Result<Response<pb::RequestCertificatesResponse>, Status> {
         let origin = authorize(&self.ctx, &req, "RequestCertificates", Permission::Admin)?;
         let r = req.into_inner();
+        if r.approved_request.is_empty() {
+            // The first step, before any key is made: this is where a rotation is gated.
+            self.require_leader().map_err(Status::from)?;
+            let hosts = self.select(&r.selector.clone().unwrap_or_default())?;
+            let payload = pb::RotateCredentialsRequest {
+                selector: r.selector.clone(),
+                scope: "certs".into(),
+                emergency: true,
+                timeout_ms: r.timeout_ms,
+                reason: String::new(),
+            };
+            super::security::gate(
+                &self.ctx,
+                &origin,
+                super::security::ApprovalKind::RotateCredentials,
+                &format!("certs on {}", hosts.join(",")),
+                &payload,
+            )
+            .await
+            .map_err(|st| with_rerun_hint(st, "then"))?;
+        } else {
+            self.cert_grant(&origin, &r.approved_request)?;
+        }
         let run = async {
             self.require_leader()?;
             let hosts = self.select(&r.selector.unwrap_or_default())?;
@@ -516,6 +626,7 @@ impl pb::response_service_server::ResponseService for ResponseApi {
     ) -> Result<Response<pb::FanOutResponse>, Status> {
         let origin = authorize(&self.ctx, &req, "InstallCertificates", Permission::Admin)?;
         let r = req.into_inner();
+        self.cert_grant(&origin, &r.approved_request)?;
         let run = async {
             self.require_leader()?;
             if r.certificates.is_empty() {
@@ -614,6 +725,7 @@ impl pb::response_service_server::ResponseService for ResponseApi {
             "RequestCoordinatorCertificate",
             Permission::Admin,
         )?;
+        self.cert_grant(&origin, &req.get_ref().approved_request)?;
         let paths = crate::server::tls_paths(&self.ctx.config.tls);
         let dir = self.ctx.config.data_dir.join("rotation");
         let node = self.ctx.node.id();
@@ -642,6 +754,7 @@ impl pb::response_service_server::ResponseService for ResponseApi {
             Permission::Admin,
         )?;
         let r = req.into_inner();
+        self.cert_grant(&origin, &r.approved_request)?;
         let node = self.ctx.node.id();
         if r.host_id != node.to_string() {
             return Err(Status::invalid_argument(format!(

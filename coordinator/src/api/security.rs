@@ -98,6 +98,7 @@ pub fn pending_status(id: u64, kind: ApprovalKind, target: &str) -> Status {
 /// requester, inside the approving entry). One arm per kind; see the module docs.
 pub async fn build_launch(
     ctx: &Arc<Ctx>,
+    id: u64,
     kind: ApprovalKind,
     requester: &str,
     payload_json: &str,
@@ -120,7 +121,9 @@ pub async fn build_launch(
             ))
         }
         ApprovalKind::Isolate => super::response::build_isolate_launch(ctx, payload_json),
-        ApprovalKind::RotateCredentials => super::response::build_rotate_launch(ctx, payload_json),
+        ApprovalKind::RotateCredentials => {
+            super::response::build_rotate_launch(ctx, id, requester, payload_json)
+        }
         ApprovalKind::Prune => super::backup::build_delete_launch(ctx, payload_json),
     }
 }
@@ -214,7 +217,7 @@ impl ApprovalApi {
         match checked {
             Err(e) => early = Some(decide_status(&e)),
             Ok((kind, requester, payload)) if approve => {
-                match build_launch(&self.ctx, kind, &requester, &payload).await {
+                match build_launch(&self.ctx, id, kind, &requester, &payload).await {
                     Ok(cmd) => launch = Some(Box::new(cmd)),
                     Err(e) => {
                         launch_error = e.to_string();

@@ -83,7 +83,7 @@ pub fn apply(state: &mut State, log_index: u64, req: &Request) -> Response {
         Command::Batch { requests } => return apply_batch(state, log_index, requests),
         Command::Security(c) => (
             c.target(),
-            super::security::apply(state, at, &req.origin, c),
+            super::security::apply(state, log_index, at, &req.origin, c),
         ),
         Command::Incident(c) => (
             c.target(),

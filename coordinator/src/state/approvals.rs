@@ -261,7 +261,7 @@ impl ApprovalBook {
 }
 
 /// The same human: same trust domain and operator name, whatever role the certificate has.
-fn same_operator(a: &SpiffeId, b: &SpiffeId) -> bool {
+pub fn same_operator(a: &SpiffeId, b: &SpiffeId) -> bool {
     match (&a.identity, &b.identity) {
         (Identity::Operator { name: x, .. }, Identity::Operator { name: y, .. }) => {
             a.trust_domain == b.trust_domain && x == y

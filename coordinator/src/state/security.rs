@@ -12,7 +12,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Refusal, Response, State};
+use dr_proto::identity::SpiffeId;
+
+use super::approvals::{request_name, same_operator};
+use super::{Command, Refusal, Response, State};
 
 /// Alerts kept in the state (the audit log keeps every one for good).
 pub const ALERTS_KEPT: usize = 500;
@@ -37,6 +40,43 @@ pub struct SecurityState {
     pub refusal_window_s: u32,
     #[serde(default)]
     pub alerts: Vec<Alert>,
+    /// Certificate rotations granted by an approval, by approval request id. Certificate
+    /// rotation is interactive (CSRs out, signed certificates back), so the approval cannot
+    /// launch it: it grants the requester the right to run its steps until the expiry.
+    #[serde(default)]
+    pub cert_grants: BTreeMap<u64, CertGrant>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CertGrant {
+    /// SPIFFE id of the requester; only the same operator (by name) may use the grant.
+    pub requester: String,
+    pub granted_at_unix_ms: i64,
+    pub expires_at_unix_ms: i64,
+}
+
+/// Why a certificate rotation step is refused under the approvals policy.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GrantError {
+    #[error(
+        "needs approval: no certificate rotation was granted by {name}; run `drctl rotate-credentials --emergency --scope certs` without --approved to request one, and run again with --approved R-N after another admin approved it",
+        name = request_name(*id)
+    )]
+    Missing { id: u64 },
+    #[error(
+        "the certificate rotation granted by {name} expired at {expired_at_unix_ms} (unix ms): request a new one (run again without --approved) and have another admin approve it",
+        name = request_name(*id)
+    )]
+    Expired { id: u64, expired_at_unix_ms: i64 },
+    #[error(
+        "the certificate rotation granted by {name} belongs to {requester}, not to {caller}: only its requester may use it",
+        name = request_name(*id)
+    )]
+    NotYours {
+        id: u64,
+        requester: String,
+        caller: String,
+    },
 }
 
 impl SecurityState {
@@ -62,6 +102,32 @@ impl SecurityState {
         } else {
             self.refusal_window_s
         }
+    }
+
+    /// `Ok` when approval `id` granted a certificate rotation to `caller` (same operator
+    /// name, whatever role) that has not expired at `now`.
+    pub fn check_grant(&self, id: u64, caller: &str, now: i64) -> Result<(), GrantError> {
+        let Some(g) = self.cert_grants.get(&id) else {
+            return Err(GrantError::Missing { id });
+        };
+        let same = match (caller.parse::<SpiffeId>(), g.requester.parse::<SpiffeId>()) {
+            (Ok(c), Ok(r)) => same_operator(&c, &r),
+            _ => caller == g.requester,
+        };
+        if !same {
+            return Err(GrantError::NotYours {
+                id,
+                requester: g.requester.clone(),
+                caller: caller.to_owned(),
+            });
+        }
+        if now > g.expires_at_unix_ms {
+            return Err(GrantError::Expired {
+                id,
+                expired_at_unix_ms: g.expires_at_unix_ms,
+            });
+        }
+        Ok(())
     }
 
     /// The newest alert of `kind` from `source`, if any.
@@ -136,6 +202,17 @@ pub enum SecurityCommand {
         detail: String,
         count: u64,
     },
+    /// The launch of an approved certificate rotation (scope certs or all): the requester
+    /// may run the certificate steps with `--approved R-N` until `expires_at_unix_ms`.
+    /// `then` is what else the approval launches (the secrets fan-out of scope all),
+    /// applied first; the grant is recorded only if it was not refused.
+    GrantCertRotation {
+        request: u64,
+        requester: String,
+        expires_at_unix_ms: i64,
+        #[serde(default)]
+        then: Option<Box<Command>>,
+    },
 }
 
 impl SecurityCommand {
@@ -146,6 +223,7 @@ impl SecurityCommand {
             SecurityCommand::Revoke { .. } => "security_revoke",
             SecurityCommand::SetMonitoring { .. } => "security_set_monitoring",
             SecurityCommand::RaiseAlert { .. } => "security_alert",
+            SecurityCommand::GrantCertRotation { .. } => "security_grant_cert_rotation",
         }
     }
 
@@ -173,6 +251,15 @@ impl SecurityCommand {
                 detail,
                 count,
             } => format!("{kind} from {source} (x{count}): {detail}"),
+            SecurityCommand::GrantCertRotation {
+                request,
+                requester,
+                expires_at_unix_ms,
+                ..
+            } => format!(
+                "{} to {requester} until {expires_at_unix_ms}",
+                request_name(*request)
+            ),
         }
     }
 }
@@ -194,9 +281,33 @@ pub fn is_sha256_hex(s: &str) -> bool {
 }
 
 /// Applies one security command (validated first, refused as a whole).
-pub fn apply(state: &mut State, at: i64, origin: &str, cmd: &SecurityCommand) -> Response {
+pub fn apply(
+    state: &mut State,
+    log_index: u64,
+    at: i64,
+    origin: &str,
+    cmd: &SecurityCommand,
+) -> Response {
+    if let SecurityCommand::GrantCertRotation {
+        request,
+        requester,
+        expires_at_unix_ms,
+        then,
+    } = cmd
+    {
+        return grant(
+            state,
+            log_index,
+            at,
+            *request,
+            requester,
+            *expires_at_unix_ms,
+            then.as_deref(),
+        );
+    }
     let sec = &mut state.security;
     match cmd {
+        SecurityCommand::GrantCertRotation { .. } => Response::Unchanged,
         SecurityCommand::Isolated {
             host_id,
             reason,
@@ -307,6 +418,51 @@ pub fn apply(state: &mut State, at: i64, origin: &str, cmd: &SecurityCommand) ->
     }
 }
 
+fn grant(
+    state: &mut State,
+    log_index: u64,
+    at: i64,
+    request: u64,
+    requester: &str,
+    expires_at_unix_ms: i64,
+    then: Option<&Command>,
+) -> Response {
+    if requester.is_empty() {
+        return invalid("a certificate rotation grant names its requester");
+    }
+    if state.security.cert_grants.contains_key(&request) {
+        return Response::Unchanged;
+    }
+    if let Some(cmd) = then {
+        if matches!(cmd, Command::Approvals(_) | Command::Security(_)) || cmd.name() == "batch" {
+            return invalid(format!(
+                "a certificate rotation grant may not carry a `{}` command",
+                cmd.name()
+            ));
+        }
+        // Its own audit entry, as the requester (like every approved launch).
+        let inner = super::Request {
+            at_unix_ms: at,
+            origin: requester.to_owned(),
+            cmd: cmd.clone(),
+        };
+        if let Response::Refused { refusal } = super::apply(state, log_index, &inner) {
+            return Response::refused(refusal);
+        }
+    }
+    let grants = &mut state.security.cert_grants;
+    grants.retain(|_, g| g.expires_at_unix_ms >= at);
+    grants.insert(
+        request,
+        CertGrant {
+            requester: requester.to_owned(),
+            granted_at_unix_ms: at,
+            expires_at_unix_ms,
+        },
+    );
+    Response::Applied
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,5 +552,58 @@ mod tests {
             s.security.alerts.last().unwrap().seq,
             (ALERTS_KEPT + 3) as u64
         );
+    }
+
+    #[test]
+    fn cert_rotation_grant_is_for_its_requester_until_it_expires() {
+        let mut s = State::default();
+        let alice = "spiffe://t/operator/alice?role=admin";
+        let g = SecurityCommand::GrantCertRotation {
+            request: 7,
+            requester: alice.into(),
+            expires_at_unix_ms: 5_000,
+            then: None,
+        };
+        assert_eq!(
+            apply_req(&mut s, 1, &req(1_000, g.clone())),
+            Response::Applied
+        );
+        assert_eq!(apply_req(&mut s, 2, &req(1_001, g)), Response::Unchanged);
+        assert_eq!(
+            s.audit.entries().last().unwrap().what,
+            "security_grant_cert_rotation"
+        );
+        let sec = &s.security;
+        // Same operator, whatever role the certificate carries.
+        assert_eq!(
+            sec.check_grant(7, "spiffe://t/operator/alice?role=operator", 2_000),
+            Ok(())
+        );
+        assert!(matches!(
+            sec.check_grant(7, "spiffe://t/operator/bob?role=admin", 2_000),
+            Err(GrantError::NotYours { .. })
+        ));
+        assert!(matches!(
+            sec.check_grant(8, alice, 2_000),
+            Err(GrantError::Missing { id: 8 })
+        ));
+        assert!(matches!(
+            sec.check_grant(7, alice, 5_001),
+            Err(GrantError::Expired { .. })
+        ));
+        // A grant may not carry a security (or approvals) command.
+        let nested = SecurityCommand::GrantCertRotation {
+            request: 9,
+            requester: alice.into(),
+            expires_at_unix_ms: 5_000,
+            then: Some(Box::new(Command::Security(SecurityCommand::Unisolated {
+                host_id: "a".into(),
+            }))),
+        };
+        assert!(matches!(
+            apply_req(&mut s, 3, &req(1_002, nested)),
+            Response::Refused { .. }
+        ));
+        assert!(!s.security.cert_grants.contains_key(&9));
     }
 }

@@ -13,6 +13,12 @@
 //!           ─> the coordinators revoke the replaced certificates (SHA-256, Raft state)
 //! ```
 //! drctl prints names, paths, fingerprints and proofs; it never sees a password or a key.
+//!
+//! Approvals: when the policy requires rotate-credentials, the first call is refused with
+//! "needs approval: request R-N". Secrets rotate when another admin approves; the
+//! certificate flow cannot be launched by an approval (it needs this CA and this run), so
+//! the approval grants it to the requester, who runs again with `--approved R-N`, passed
+//! on every certificate RPC.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -64,6 +70,11 @@ pub struct RotateArgs {
     /// every coordinator of the cluster is re-issued too, one at a time).
     #[arg(long = "no-coordinators")]
     pub no_coordinators: bool,
+    /// The approval (`R-N`) that granted this certificate rotation to you, when the
+    /// approvals policy requires rotate-credentials (scope certs or all; with all, the
+    /// secrets already rotated when R-N was approved, so only the certificates run).
+    #[arg(long = "approved", value_name = "R-N")]
+    pub approved: Option<String>,
 }
 
 /// Signs `csr_pem` for `host_id` with the CA in `ca_dir`, refusing a CSR whose identity is
@@ -193,6 +204,13 @@ pub async fn run(client: &Client, a: RotateArgs, format: OutputFormat) -> anyhow
             }
         }
     }
+    let approved = a.approved.clone().unwrap_or_default();
+    if !approved.is_empty() && !want_certs {
+        return Err(UsageError(
+            "--approved is for the certificate steps (scope certs or all): a db/app rotation runs by itself when it is approved (`drctl approvals show R-N` shows what it did)".into(),
+        )
+        .into());
+    }
     let client = waiting_client(client, a.wait)?;
     let mut failures = Vec::new();
 
@@ -203,6 +221,13 @@ pub async fn run(client: &Client, a: RotateArgs, format: OutputFormat) -> anyhow
         Scope::All => Some("all"),
         Scope::Certs => None,
     };
+    // With --approved, the secrets of scope all already rotated at the approval.
+    let secrets_scope = secrets_scope.filter(|_| approved.is_empty());
+    if !approved.is_empty() && a.scope == Scope::All && format == OutputFormat::Text {
+        println!(
+            "secrets (all): rotated when {approved} was approved (`drctl approvals show {approved}`)"
+        );
+    }
     if let Some(scope) = secrets_scope {
         let req = pb::RotateCredentialsRequest {
             selector: Some(selector.clone()),
@@ -239,6 +264,7 @@ pub async fn run(client: &Client, a: RotateArgs, format: OutputFormat) -> anyhow
         let req = pb::RequestCertificatesRequest {
             selector: Some(selector.clone()),
             timeout_ms: ms(a.wait),
+            approved_request: approved.clone(),
         };
         let csrs = client
             .call_service(
@@ -263,6 +289,7 @@ pub async fn run(client: &Client, a: RotateArgs, format: OutputFormat) -> anyhow
                     host_id: r.host_id.clone(),
                     cert_pem,
                     old_cert_sha256: r.old_cert_sha256.clone(),
+                    approved_request: String::new(),
                 }),
                 Err(e) => failures.push(format!("{e:#}")),
             }
@@ -272,6 +299,7 @@ pub async fn run(client: &Client, a: RotateArgs, format: OutputFormat) -> anyhow
                 certificates: signed,
                 timeout_ms: ms(a.wait),
                 reason: a.reason.clone(),
+                approved_request: approved.clone(),
             };
             let resp = client
                 .call_service(
@@ -298,7 +326,7 @@ pub async fn run(client: &Client, a: RotateArgs, format: OutputFormat) -> anyhow
         // 3. the coordinators' own certificates, one node at a time (each reloads before
         //    its old certificate is revoked, so peers and agents never refuse it).
         if !a.no_coordinators {
-            match rotate_coordinators(&client, &ca_dir, a.valid_for, format).await {
+            match rotate_coordinators(&client, &ca_dir, a.valid_for, &approved, format).await {
                 Ok(f) => failures.extend(f),
                 Err(e) => failures.push(format!("coordinator certificates: {e:#}")),
             }
@@ -317,6 +345,7 @@ async fn rotate_coordinators(
     client: &Client,
     ca_dir: &Path,
     valid_for: Duration,
+    approved: &str,
     format: OutputFormat,
 ) -> anyhow::Result<Vec<String>> {
     let status = client
@@ -336,13 +365,16 @@ async fn rotate_coordinators(
         let mut cfg = client.config().clone();
         cfg.endpoints = vec![m.addr.clone()];
         let one = Client::new(cfg)?;
+        let req = pb::RequestCoordinatorCertificateRequest {
+            approved_request: approved.to_owned(),
+        };
         let csr = match one
             .call_service(
                 "coordinator certificate request",
                 ResponseServiceClient::new,
-                |mut c| async move {
-                    c.request_coordinator_certificate(pb::RequestCoordinatorCertificateRequest {})
-                        .await
+                move |mut c| {
+                    let req = req.clone();
+                    async move { c.request_coordinator_certificate(req).await }
                 },
             )
             .await
@@ -377,6 +409,7 @@ async fn rotate_coordinators(
             host_id: csr.host_id.clone(),
             cert_pem,
             old_cert_sha256: csr.old_cert_sha256.clone(),
+            approved_request: approved.to_owned(),
         };
         match one
             .call_service(

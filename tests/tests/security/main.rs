@@ -7,7 +7,9 @@
 //! rotation with real PostgreSQL and the no-secret-anywhere search. t50: monitoring level,
 //! integrity and refused-handshake alerts. t41: certificates of agents AND coordinators
 //! re-issued without restart, old ones refused, open sessions of revoked certificates
-//! closed, an operator certificate revoked. t51: repeated refused RPCs raise an alert.
+//! closed, an operator certificate revoked. t42: certificate rotation under the approvals
+//! policy (granted by a second admin, used only by its requester). t51: repeated refused
+//! RPCs raise an alert.
 #![allow(clippy::unwrap_used)]
 
 mod t10_approvals;
@@ -15,5 +17,6 @@ mod t20_audit;
 mod t30_isolate;
 mod t40_rotation;
 mod t41_cert_revocation;
+mod t42_cert_rotation_approval;
 mod t50_alerts;
 mod t51_refused_rpcs;
