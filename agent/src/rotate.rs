@@ -391,7 +391,7 @@ impl Rotator {
         let (tls, dir) = (self.tls.clone(), self.state_dir.clone());
         let r = tokio::task::spawn_blocking(move || certs::request(&tls, &dir))
             .await
-            .map_err(|e| certs::CertError::Task(e.to_string()))??;
+            .map_err(|e| certs::CertError::Other(e.to_string()))??;
         info!(identity = %r.identity, "new key generated, certificate request made");
         Ok(r)
     }
@@ -401,7 +401,7 @@ impl Rotator {
         let (tls, dir) = (self.tls.clone(), self.state_dir.clone());
         let r = tokio::task::spawn_blocking(move || certs::install(&tls, &dir, &cert_pem))
             .await
-            .map_err(|e| certs::CertError::Task(e.to_string()))??;
+            .map_err(|e| certs::CertError::Other(e.to_string()))??;
         info!(identity = %r.identity, "agent certificate and key replaced");
         Ok(r)
     }
