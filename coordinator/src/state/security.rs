@@ -606,4 +606,35 @@ mod tests {
         ));
         assert!(!s.security.cert_grants.contains_key(&9));
     }
+
+    #[test]
+    fn a_grant_applies_what_it_carries_first_as_the_requester() {
+        let mut s = State::default();
+        let alice = "spiffe://t/operator/alice?role=admin";
+        let g = SecurityCommand::GrantCertRotation {
+            request: 3,
+            requester: alice.into(),
+            expires_at_unix_ms: 9_000,
+            then: Some(Box::new(Command::HostUp {
+                host_id: "h1".into(),
+                region: "beijing".into(),
+                site: "bj".into(),
+                roles: vec![],
+                version: "1".into(),
+                incarnation: 1,
+            })),
+        };
+        // Committed by the approver; the carried command and the grant are the requester's.
+        let approver = Request {
+            at_unix_ms: 1_000,
+            origin: "spiffe://t/operator/bob?role=admin".into(),
+            cmd: Command::Security(g),
+        };
+        assert_eq!(apply_req(&mut s, 1, &approver), Response::Applied);
+        assert!(s.hosts.contains_key("h1"));
+        assert_eq!(s.security.check_grant(3, alice, 2_000), Ok(()));
+        let entries = s.audit.entries();
+        let carried = &entries[entries.len() - 2];
+        assert_eq!(carried.origin, alice, "{carried:?}");
+    }
 }
