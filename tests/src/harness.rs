@@ -1,5 +1,6 @@
 //! Building blocks of the integration harness; see the crate docs for how they fit.
 
+pub mod backup;
 pub mod bins;
 pub mod certs;
 pub mod cluster;

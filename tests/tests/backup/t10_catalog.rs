@@ -5,49 +5,19 @@
 //! moves.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
-use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use dr_tests::TestCluster;
+use dr_tests::harness::backup::{
+    archiving_postgres, catalog_rows, fs_repo_config, init_repo, last_doc, run_ok, text,
+};
 use dr_tests::harness::cluster::{AgentSpec, get_str, get_u64};
-use dr_tests::harness::postgres::{Postgres, pg_bin_dir};
+use dr_tests::harness::postgres::pg_bin_dir;
 use serde_json::Value;
 use tokio::process::Command;
 use tracing::info;
 
 const HOST: &str = "db-bj-1";
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Runs a command to its end (120 s at most) and fails on a non-zero exit.
-async fn run_ok(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = tokio::time::timeout(Duration::from_secs(120), cmd.kill_on_drop(true).output())
-        .await
-        .with_context(|| format!("{what} did not finish within 120 s"))?
-        .with_context(|| format!("run {what}"))?;
-    ensure!(out.status.success(), "{what} failed: {}", text(&out));
-    Ok(text(&out))
-}
-
-/// An fs repository config with its key beside it.
-fn write_repo_config(dir: &Path, name: &str) -> Result<PathBuf> {
-    let cfg = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &cfg,
-        format!(
-            "version = 1\nkey_file = \"{name}.key\"\nconcurrency = 4\n\n[location]\nkind = \"fs\"\npath = \"{}\"\n",
-            dir.join(name).display()
-        ),
-    )?;
-    Ok(cfg)
-}
 
 /// Every regular file under `dir`, sorted.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
@@ -70,25 +40,6 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The last JSON document drctl printed (`--wait` may stream progress before the entry).
-fn last_doc(v: Value) -> Value {
-    match v {
-        Value::Array(mut a) => a.pop().unwrap_or(Value::Null),
-        other => other,
-    }
-}
-
-fn rows(v: &Value) -> Vec<Value> {
-    match v {
-        Value::Array(a) => a.clone(),
-        other => other
-            .get("backups")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_incr_list_verify_corrupt_and_refusals() -> Result<()> {
     let cluster = TestCluster::builder()
@@ -99,43 +50,15 @@ async fn full_incr_list_verify_corrupt_and_refusals() -> Result<()> {
     let agent = cluster.bins.agent.clone();
     let bk = cluster.dir().join("backup");
     std::fs::create_dir_all(&bk)?;
-    let repo_cfg = write_repo_config(&bk, "repo")?;
-    let overseas_cfg = write_repo_config(&bk, "overseas")?;
+    let repo_cfg = fs_repo_config(&bk, "repo", &bk.join("repo"))?;
+    let overseas_cfg = fs_repo_config(&bk, "overseas", &bk.join("overseas"))?;
 
     info!("--- PostgreSQL 15 primary, archive_command = dr-agent wal-push");
-    let mut pg = Postgres::start_with(
-        &cluster.dir().join("pg"),
-        &cluster.dir().log_path("postgres"),
-        &[
-            "archive_mode=on".to_owned(),
-            format!(
-                "archive_command={} wal-push %p --repo-config {}",
-                agent.display(),
-                repo_cfg.display()
-            ),
-        ],
-    )
-    .await?;
+    let mut pg = archiving_postgres(cluster.dir(), &agent, &repo_cfg).await?;
 
     info!("--- dr-agent repo init; the repository belongs to postgres (archive_command)");
-    for cfg in [&repo_cfg, &overseas_cfg] {
-        run_ok(
-            Command::new(&agent)
-                .args(["repo", "init", "--repo-config"])
-                .arg(cfg),
-            "dr-agent repo init",
-        )
-        .await?;
-    }
-    if nix::unistd::Uid::effective().is_root() {
-        run_ok(
-            Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&bk),
-            "chown the repository",
-        )
-        .await?;
-    }
+    init_repo(&agent, &overseas_cfg, &bk).await?;
+    init_repo(&agent, &repo_cfg, &bk).await?;
 
     info!("--- backup policy apply");
     let missing_cfg = bk.join("does-not-exist.toml");
@@ -245,7 +168,7 @@ copier_host = "{HOST}"
     ensure!(full_id != incr_id, "two backups, two ids");
 
     info!("--- backup list shows both with LSN ranges and sizes");
-    let list = rows(&cluster.drctl_json(["backup", "list"]).await?);
+    let list = catalog_rows(&cluster.drctl_json(["backup", "list"]).await?);
     ensure!(list.len() == 2, "two catalog entries: {list:?}");
     for (b, id, kind) in [(&list[0], &full_id, "full"), (&list[1], &incr_id, "incr")] {
         ensure!(get_str(b, "id") == Some(id.as_str()), "{b}");
@@ -320,7 +243,7 @@ copier_host = "{HOST}"
         msg.contains("does-not-exist.toml"),
         "names the config: {msg}"
     );
-    let list = rows(&cluster.drctl_json(["backup", "list"]).await?);
+    let list = catalog_rows(&cluster.drctl_json(["backup", "list"]).await?);
     ensure!(list.len() == 2, "no entry for a failed backup: {list:?}");
 
     info!("--- one chunk corrupted and another deleted: verify fails naming both");
@@ -364,7 +287,7 @@ copier_host = "{HOST}"
     let msg = text(&out);
     ensure!(out.status.code() == Some(1), "exit 1 expected: {msg}");
     info!(%msg, "backup with PostgreSQL down");
-    let list = rows(&cluster.drctl_json(["backup", "list"]).await?);
+    let list = catalog_rows(&cluster.drctl_json(["backup", "list"]).await?);
     if list.len() != 2 {
         bail!("no entry for a failed backup: {list:?}");
     }
@@ -414,7 +337,7 @@ copier_host = "{HOST}"
     ensure!(out.status.success(), "approve {request}: {}", text(&out));
     let b = cluster.drctl_json(["backup", "show", &full_id]).await?;
     ensure!(!unmarked(&b), "marked after the second admin approved: {b}");
-    let list = rows(&cluster.drctl_json(["backup", "list"]).await?);
+    let list = catalog_rows(&cluster.drctl_json(["backup", "list"]).await?);
     ensure!(
         list.len() == 2,
         "still listed (and restorable) until the grace passes: {list:?}"

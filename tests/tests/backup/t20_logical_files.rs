@@ -6,65 +6,16 @@
 //! manifest, and the earlier backups still verify.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
-use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use dr_tests::TestCluster;
+use dr_tests::harness::backup::{catalog_rows, fs_repo_config, init_repo, last_doc, run_ok, text};
 use dr_tests::harness::cluster::{AgentSpec, get_str};
 use dr_tests::harness::postgres::{Postgres, pg_bin_dir};
-use serde_json::Value;
 use tokio::process::Command;
 use tracing::info;
 
 const HOST: &str = "db-bj-1";
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-async fn run_ok(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = tokio::time::timeout(Duration::from_secs(120), cmd.kill_on_drop(true).output())
-        .await
-        .with_context(|| format!("{what} did not finish within 120 s"))?
-        .with_context(|| format!("run {what}"))?;
-    ensure!(out.status.success(), "{what} failed: {}", text(&out));
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-fn write_repo_config(dir: &Path, name: &str, repo: &Path) -> Result<PathBuf> {
-    let cfg = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &cfg,
-        format!(
-            "version = 1\nkey_file = \"{name}.key\"\nconcurrency = 4\n\n[location]\nkind = \"fs\"\npath = \"{}\"\n",
-            repo.display()
-        ),
-    )?;
-    Ok(cfg)
-}
-
-fn last_doc(v: Value) -> Value {
-    match v {
-        Value::Array(mut a) => a.pop().unwrap_or(Value::Null),
-        other => other,
-    }
-}
-
-fn rows(v: &Value) -> Vec<Value> {
-    match v {
-        Value::Array(a) => a.clone(),
-        other => other
-            .get("backups")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default(),
-    }
-}
 
 /// Unmounts the tmpfs on drop (also when the test fails).
 struct Tmpfs(PathBuf);
@@ -107,7 +58,7 @@ async fn logical_files_full_fs() -> Result<()> {
     let agent = cluster.bins.agent.clone();
     let bk = cluster.dir().join("backup");
     std::fs::create_dir_all(&bk)?;
-    let repo_cfg = write_repo_config(&bk, "repo", &bk.join("repo"))?;
+    let repo_cfg = fs_repo_config(&bk, "repo", &bk.join("repo"))?;
     let small = bk.join("small");
     std::fs::create_dir_all(&small)?;
     let st = std::process::Command::new("mount")
@@ -116,15 +67,9 @@ async fn logical_files_full_fs() -> Result<()> {
         .status()?;
     ensure!(st.success(), "mount a 24 MiB tmpfs on {}", small.display());
     let tmpfs = Tmpfs(small.clone());
-    let small_cfg = write_repo_config(&bk, "small", &small.join("repo"))?;
+    let small_cfg = fs_repo_config(&bk, "small", &small.join("repo"))?;
     for cfg in [&repo_cfg, &small_cfg] {
-        run_ok(
-            Command::new(&agent)
-                .args(["repo", "init", "--repo-config"])
-                .arg(cfg),
-            "dr-agent repo init",
-        )
-        .await?;
+        init_repo(&agent, cfg, &bk).await?;
     }
 
     info!("--- PostgreSQL 15 with a database `app`");
@@ -255,7 +200,7 @@ repo_config = "{}"
     let files_id = get_str(&files, "id").context("files backup id")?.to_owned();
     ensure!(files_id.ends_with("-files"), "{files}");
 
-    let list = rows(&cluster.drctl_json(["backup", "list"]).await?);
+    let list = catalog_rows(&cluster.drctl_json(["backup", "list"]).await?);
     ensure!(list.len() == 2, "two entries: {list:?}");
     let kinds: Vec<&str> = list.iter().filter_map(|b| get_str(b, "kind")).collect();
     ensure!(
@@ -346,7 +291,7 @@ repo_config = "{}"
         "the message names the full disk and what to do: {msg}"
     );
     info!(%msg, "backup into a full location");
-    let list = rows(&cluster.drctl_json(["backup", "list"]).await?);
+    let list = catalog_rows(&cluster.drctl_json(["backup", "list"]).await?);
     ensure!(list.len() == 2, "no entry for the failed backup: {list:?}");
     let manifests: Vec<String> = std::fs::read_dir(small.join("repo/backups"))?
         .flatten()

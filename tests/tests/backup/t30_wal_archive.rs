@@ -7,42 +7,19 @@
 //! exactly the data written before the last switch.
 
 use std::path::PathBuf;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use dr_tests::TestCluster;
+use dr_tests::harness::backup::{
+    archiving_postgres, fs_repo_config, init_repo, last_doc, run_ok, text,
+};
 use dr_tests::harness::cluster::{AgentSpec, get_str};
-use dr_tests::harness::postgres::{Postgres, pg_bin_dir};
-use serde_json::Value;
+use dr_tests::harness::postgres::pg_bin_dir;
 use tokio::process::Command;
 use tracing::info;
 
 const HOST: &str = "db-bj-1";
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-async fn run_ok(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = tokio::time::timeout(Duration::from_secs(180), cmd.kill_on_drop(true).output())
-        .await
-        .with_context(|| format!("{what} did not finish within 180 s"))?
-        .with_context(|| format!("run {what}"))?;
-    ensure!(out.status.success(), "{what} failed: {}", text(&out));
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-fn last_doc(v: Value) -> Value {
-    match v {
-        Value::Array(mut a) => a.pop().unwrap_or(Value::Null),
-        other => other,
-    }
-}
 
 /// Segment number of a 24-hex-digit WAL file name.
 fn segno(name: &str) -> Option<u64> {
@@ -102,43 +79,11 @@ async fn wal_no_gap() -> Result<()> {
     let agent = cluster.bins.agent.clone();
     let bk = cluster.dir().join("backup");
     std::fs::create_dir_all(&bk)?;
-    let repo_cfg = bk.join("repo.toml");
-    std::fs::write(
-        &repo_cfg,
-        format!(
-            "version = 1\nkey_file = \"repo.key\"\nconcurrency = 4\n\n[location]\nkind = \"fs\"\npath = \"{}\"\n",
-            bk.join("repo").display()
-        ),
-    )?;
-    run_ok(
-        Command::new(&agent)
-            .args(["repo", "init", "--repo-config"])
-            .arg(&repo_cfg),
-        "dr-agent repo init",
-    )
-    .await?;
-    run_ok(
-        Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&bk),
-        "chown the repository",
-    )
-    .await?;
+    let repo_cfg = fs_repo_config(&bk, "repo", &bk.join("repo"))?;
+    init_repo(&agent, &repo_cfg, &bk).await?;
 
     info!("--- PostgreSQL 15 primary, archive_command = dr-agent wal-push");
-    let mut pg = Postgres::start_with(
-        &cluster.dir().join("pg"),
-        &cluster.dir().log_path("postgres"),
-        &[
-            "archive_mode=on".to_owned(),
-            format!(
-                "archive_command={} wal-push %p --repo-config {}",
-                agent.display(),
-                repo_cfg.display()
-            ),
-        ],
-    )
-    .await?;
+    let mut pg = archiving_postgres(cluster.dir(), &agent, &repo_cfg).await?;
     let port = pg.port.to_string();
     let pg_url = pg.url("postgres");
     let policy = bk.join("policy.toml");

@@ -10,14 +10,16 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
+use dr_tests::harness::backup::{
+    archiving_postgres, catalog_rows, init_repo, last_doc, run_ok, text,
+};
 use dr_tests::harness::cluster::{AgentSpec, get_str};
 use dr_tests::harness::ports::free_port;
-use dr_tests::harness::postgres::{Postgres, pg_bin_dir};
+use dr_tests::harness::postgres::pg_bin_dir;
 use dr_tests::{ChildGuard, ChildSpec, TestCluster};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,41 +28,6 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 const HOST: &str = "db-bj-1";
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-async fn run_ok(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = tokio::time::timeout(Duration::from_secs(180), cmd.kill_on_drop(true).output())
-        .await
-        .with_context(|| format!("{what} did not finish within 180 s"))?
-        .with_context(|| format!("run {what}"))?;
-    ensure!(out.status.success(), "{what} failed: {}", text(&out));
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-fn last_doc(v: Value) -> Value {
-    match v {
-        Value::Array(mut a) => a.pop().unwrap_or(Value::Null),
-        other => other,
-    }
-}
-
-fn rows(v: &Value) -> Vec<Value> {
-    match v {
-        Value::Array(a) => a.clone(),
-        other => other
-            .get("backups")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default(),
-    }
-}
 
 /// A TCP forwarder; client-to-server bytes limited to `rate` bytes/s (0: unlimited). Dropping
 /// it aborts the listener and every connection.
@@ -196,35 +163,10 @@ async fn s3_outage_mid_backup() -> Result<()> {
     )?;
     let repo_cfg = s3_config(&bk, "repo.toml", fwd_port)?;
     let direct_cfg = s3_config(&bk, "direct.toml", moto_port)?;
-    run_ok(
-        Command::new(&agent)
-            .args(["repo", "init", "--repo-config"])
-            .arg(&direct_cfg),
-        "dr-agent repo init",
-    )
-    .await?;
-    run_ok(
-        Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&bk),
-        "chown the configs",
-    )
-    .await?;
+    init_repo(&agent, &direct_cfg, &bk).await?;
 
     info!("--- PostgreSQL 15, WAL archived straight to moto");
-    let mut pg = Postgres::start_with(
-        &cluster.dir().join("pg"),
-        &cluster.dir().log_path("postgres"),
-        &[
-            "archive_mode=on".to_owned(),
-            format!(
-                "archive_command={} wal-push %p --repo-config {}",
-                agent.display(),
-                direct_cfg.display()
-            ),
-        ],
-    )
-    .await?;
+    let mut pg = archiving_postgres(cluster.dir(), &agent, &direct_cfg).await?;
     let port = pg.port.to_string();
     run_ok(
         Command::new(pg_bin_dir().join("pgbench"))
@@ -294,7 +236,7 @@ repo_config = "{}"
             && msg.contains("storage server could not be reached"),
         "clear message naming the storage failure: {msg}"
     );
-    let list = rows(&cluster.drctl_json(["backup", "list"]).await?);
+    let list = catalog_rows(&cluster.drctl_json(["backup", "list"]).await?);
     ensure!(
         list.is_empty(),
         "no catalog entry for the failed backup: {list:?}"
@@ -328,7 +270,7 @@ repo_config = "{}"
             .await?,
     );
     let id = get_str(&full, "id").context("backup id")?.to_owned();
-    let list = rows(&cluster.drctl_json(["backup", "list"]).await?);
+    let list = catalog_rows(&cluster.drctl_json(["backup", "list"]).await?);
     ensure!(list.len() == 1, "one entry: {list:?}");
     let out = cluster.drctl(["backup", "verify", &id]).await?;
     ensure!(out.status.success(), "verify {id}: {}", text(&out));

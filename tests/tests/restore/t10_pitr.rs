@@ -7,14 +7,14 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use dr_tests::TestCluster;
+use dr_tests::harness::backup::{archiving_postgres, fs_repo_config, init_repo, run_ok, text};
 use dr_tests::harness::cluster::AgentSpec;
 use dr_tests::harness::ports::free_port;
-use dr_tests::harness::postgres::{Postgres, pg_bin_dir};
+use dr_tests::harness::postgres::pg_bin_dir;
 use serde_json::Value;
 use sqlx::Connection;
 use tokio::process::Command;
@@ -22,23 +22,6 @@ use tracing::info;
 
 const BJ: &str = "db-bj-1";
 const SH: &str = "db-sh-1";
-
-pub(crate) fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-pub(crate) async fn run_ok(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = tokio::time::timeout(Duration::from_secs(180), cmd.kill_on_drop(true).output())
-        .await
-        .with_context(|| format!("{what} did not finish within 180 s"))?
-        .with_context(|| format!("run {what}"))?;
-    ensure!(out.status.success(), "{what} failed: {}", text(&out));
-    Ok(text(&out))
-}
 
 pub(crate) async fn sql(url: &str, q: &str) -> Result<String> {
     let mut c = sqlx::PgConnection::connect(url).await?;
@@ -137,43 +120,9 @@ async fn pitr_latest_refusals_inplace_drill_corrupt_standalone() -> Result<()> {
     let agent = cluster.bins.agent.clone();
     let bk = cluster.dir().join("backup");
     std::fs::create_dir_all(&bk)?;
-    let repo_cfg = bk.join("repo.toml");
-    std::fs::write(
-        &repo_cfg,
-        format!(
-            "version = 1\nkey_file = \"repo.key\"\nconcurrency = 4\n\n[location]\nkind = \"fs\"\npath = \"{}\"\n",
-            bk.join("repo").display()
-        ),
-    )?;
-    let mut pg = Postgres::start_with(
-        &cluster.dir().join("pg"),
-        &cluster.dir().log_path("postgres"),
-        &[
-            "archive_mode=on".to_owned(),
-            format!(
-                "archive_command={} wal-push %p --repo-config {}",
-                agent.display(),
-                repo_cfg.display()
-            ),
-        ],
-    )
-    .await?;
-    run_ok(
-        Command::new(&agent)
-            .args(["repo", "init", "--repo-config"])
-            .arg(&repo_cfg),
-        "dr-agent repo init",
-    )
-    .await?;
-    if nix::unistd::Uid::effective().is_root() {
-        run_ok(
-            Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&bk),
-            "chown the repository",
-        )
-        .await?;
-    }
+    let repo_cfg = fs_repo_config(&bk, "repo", &bk.join("repo"))?;
+    let mut pg = archiving_postgres(cluster.dir(), &agent, &repo_cfg).await?;
+    init_repo(&agent, &repo_cfg, &bk).await?;
     let restores = pg_parent(cluster.dir().path(), "restores")?;
     let scratch = pg_parent(cluster.dir().path(), "scratch")?;
     let url = pg.url("postgres");

@@ -11,14 +11,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use dr_tests::TestCluster;
+use dr_tests::harness::backup::{archiving_postgres, fs_repo_config, init_repo, text};
 use dr_tests::harness::cluster::AgentSpec;
-use dr_tests::harness::postgres::Postgres;
 use serde_json::Value;
 use sqlx::Connection;
-use tokio::process::Command;
 use tracing::info;
 
-use crate::t10_pitr::{pg_parent, res, run_ok, stop_pg, text};
+use crate::t10_pitr::{pg_parent, res, stop_pg};
 
 const BJ: &str = "db-bj-1";
 
@@ -63,43 +62,9 @@ async fn cancel_mid_restore_then_rerun() -> Result<()> {
     let agent = cluster.bins.agent.clone();
     let bk = cluster.dir().join("backup");
     std::fs::create_dir_all(&bk)?;
-    let repo_cfg = bk.join("repo.toml");
-    std::fs::write(
-        &repo_cfg,
-        format!(
-            "version = 1\nkey_file = \"repo.key\"\nconcurrency = 4\n\n[location]\nkind = \"fs\"\npath = \"{}\"\n",
-            bk.join("repo").display()
-        ),
-    )?;
-    let pg = Postgres::start_with(
-        &cluster.dir().join("pg"),
-        &cluster.dir().log_path("postgres"),
-        &[
-            "archive_mode=on".to_owned(),
-            format!(
-                "archive_command={} wal-push %p --repo-config {}",
-                agent.display(),
-                repo_cfg.display()
-            ),
-        ],
-    )
-    .await?;
-    run_ok(
-        Command::new(&agent)
-            .args(["repo", "init", "--repo-config"])
-            .arg(&repo_cfg),
-        "dr-agent repo init",
-    )
-    .await?;
-    if nix::unistd::Uid::effective().is_root() {
-        run_ok(
-            Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&bk),
-            "chown the repository",
-        )
-        .await?;
-    }
+    let repo_cfg = fs_repo_config(&bk, "repo", &bk.join("repo"))?;
+    let pg = archiving_postgres(cluster.dir(), &agent, &repo_cfg).await?;
+    init_repo(&agent, &repo_cfg, &bk).await?;
     let restores = pg_parent(cluster.dir().path(), "restores")?;
     let url = pg.url("postgres");
     let policy = bk.join("policy.toml");

@@ -1,0 +1,110 @@
+//! What the backup and restore suites share: an fs repository made with the real
+//! `dr-agent repo init`, a PostgreSQL 15 whose `archive_command` is `dr-agent wal-push`,
+//! running the agent's CLI with a deadline, and reading drctl's catalog answers.
+//!
+//! Why here: every backup/restore test starts from the same repository + archiving server,
+//! and a fix to how that is set up (ownership for the postgres user, the repo config's keys)
+//! must reach all of them at once.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use serde_json::Value;
+use tokio::process::Command;
+
+use super::postgres::Postgres;
+use super::testdir::TestDir;
+
+/// stdout then stderr of a finished command, for messages and assertions.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `cmd` (killed if it outlives 180 s) and returns its trimmed stdout; fails with
+/// everything it printed when it exits non-zero.
+pub async fn run_ok(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = tokio::time::timeout(Duration::from_secs(180), cmd.kill_on_drop(true).output())
+        .await
+        .with_context(|| format!("{what} did not finish within 180 s"))?
+        .with_context(|| format!("run {what}"))?;
+    ensure!(out.status.success(), "{what} failed: {}", text(&out));
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Writes `<dir>/<name>.toml`: an fs repository at `repo` with key `<name>.key` next to it.
+pub fn fs_repo_config(dir: &Path, name: &str, repo: &Path) -> Result<PathBuf> {
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "version = 1\nkey_file = \"{name}.key\"\nconcurrency = 4\n\n[location]\nkind = \"fs\"\npath = \"{}\"\n",
+            repo.display()
+        ),
+    )?;
+    Ok(cfg)
+}
+
+/// `dr-agent repo init`, then (as root) `owner_dir` handed to the postgres user, whose
+/// `archive_command` writes into the repository.
+pub async fn init_repo(agent: &Path, repo_cfg: &Path, owner_dir: &Path) -> Result<()> {
+    run_ok(
+        Command::new(agent)
+            .args(["repo", "init", "--repo-config"])
+            .arg(repo_cfg),
+        "dr-agent repo init",
+    )
+    .await?;
+    if nix::unistd::Uid::effective().is_root() {
+        run_ok(
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(owner_dir),
+            "chown the repository to postgres",
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// A PostgreSQL 15 under `<dir>/pg` archiving every segment with `dr-agent wal-push`.
+pub async fn archiving_postgres(dir: &TestDir, agent: &Path, repo_cfg: &Path) -> Result<Postgres> {
+    Postgres::start_with(
+        &dir.join("pg"),
+        &dir.log_path("postgres"),
+        &[
+            "archive_mode=on".to_owned(),
+            format!(
+                "archive_command={} wal-push %p --repo-config {}",
+                agent.display(),
+                repo_cfg.display()
+            ),
+        ],
+    )
+    .await
+}
+
+/// The last JSON document drctl printed (`--wait` may stream progress before the result).
+pub fn last_doc(v: Value) -> Value {
+    match v {
+        Value::Array(mut a) => a.pop().unwrap_or(Value::Null),
+        other => other,
+    }
+}
+
+/// The entries of `drctl backup list --output json`.
+pub fn catalog_rows(v: &Value) -> Vec<Value> {
+    match v {
+        Value::Array(a) => a.clone(),
+        other => other
+            .get("backups")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default(),
+    }
+}
