@@ -184,6 +184,14 @@ async fn t10_switchover_rewind_and_epochs() {
             .configure_standby(&new.conninfo(), Some("beijing"))
             .await
             .unwrap();
+        // the agent set wal_receiver_timeout (a partition must not look like "streaming"
+        // for PostgreSQL's default minute)
+        let mut c = old.conn().await;
+        let t: String = sqlx::query_scalar("show wal_receiver_timeout")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(t, "5s");
         // the old primary, now a standby, refuses an old epoch too
         assert!(matches!(
             old.pg.promote(Epoch(1)).await,

@@ -25,6 +25,7 @@ pub mod defaults {
     pub const START_TIMEOUT: Duration = Duration::from_secs(60);
     pub const STOP_TIMEOUT: Duration = Duration::from_secs(60);
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const WAL_RECEIVER_TIMEOUT: Duration = Duration::from_secs(5);
 }
 
 /// `[postgres]`: one PostgreSQL cluster (data directory) managed by this agent.
@@ -69,6 +70,14 @@ pub struct PgConfig {
     pub stop_timeout: Duration,
     #[serde(default = "d_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// `wal_receiver_timeout` set on this server whenever the agent makes it a standby.
+    /// Why: after a partition (silence, no reset) the WAL receiver reports `streaming` until
+    /// this runs out, and the failure detector waits for the candidate's receiver to be down;
+    /// PostgreSQL's 60 s default would add up to a minute to every regional failover. The
+    /// receiver pings the primary at half of it when idle, so a low value costs no false
+    /// disconnects.
+    #[serde(default = "d_wal_receiver_timeout", with = "humantime_serde")]
+    pub wal_receiver_timeout: Duration,
 }
 
 /// How the agent connects for queries (status, promote, ALTER SYSTEM).
@@ -160,6 +169,7 @@ impl PgConfig {
             start_timeout: d_start_timeout(),
             stop_timeout: d_stop_timeout(),
             connect_timeout: d_connect_timeout(),
+            wal_receiver_timeout: d_wal_receiver_timeout(),
         }
     }
 
@@ -190,6 +200,7 @@ impl PgConfig {
             start_timeout: _,
             stop_timeout: _,
             connect_timeout: _,
+            wal_receiver_timeout,
         } = self;
         let bad = |field: &str, why: &str| {
             Err(PgError::Config {
@@ -199,6 +210,12 @@ impl PgConfig {
         };
         if cluster.is_empty() {
             return bad("cluster", "must not be empty");
+        }
+        if *wal_receiver_timeout < Duration::from_secs(1) {
+            return bad(
+                "wal_receiver_timeout",
+                "must be at least 1s (e.g. \"5s\"; near the failover's detect_after)",
+            );
         }
         if !data_dir.is_absolute() {
             return bad("data_dir", "must be an absolute path");
@@ -281,6 +298,9 @@ fn d_stop_timeout() -> Duration {
 fn d_connect_timeout() -> Duration {
     defaults::CONNECT_TIMEOUT
 }
+fn d_wal_receiver_timeout() -> Duration {
+    defaults::WAL_RECEIVER_TIMEOUT
+}
 
 #[cfg(test)]
 mod tests {
@@ -297,6 +317,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.bin_dir, PathBuf::from(defaults::BIN_DIR));
         assert_eq!(c.run_as, "postgres");
+        assert_eq!(c.wal_receiver_timeout, Duration::from_secs(5));
         c.validate().unwrap();
 
         let c: PgConfig = toml::from_str(
@@ -328,6 +349,14 @@ mod tests {
         assert!(c.validate().is_err());
         c.data_dir = "/x'; rm -rf /".into();
         assert!(c.validate().is_err());
+        let mut c = PgConfig::new("a", "/x");
+        c.wal_receiver_timeout = Duration::from_millis(500);
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("wal_receiver_timeout")
+        );
     }
 
     #[test]

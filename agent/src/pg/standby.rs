@@ -65,6 +65,10 @@ impl PgInstance {
             let settings = [
                 ("primary_conninfo", conninfo.expose()),
                 ("primary_slot_name", slot.unwrap_or("").to_owned()),
+                (
+                    "wal_receiver_timeout",
+                    format!("{}ms", self.cfg.wal_receiver_timeout.as_millis()),
+                ),
             ];
             let running = self.is_running()?;
             let mut was_replica = false;
