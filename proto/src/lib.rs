@@ -18,7 +18,7 @@ pub mod pb {
 }
 
 pub mod audit_chain;
-pub mod codec;
 pub mod cert_rotation;
+pub mod codec;
 pub mod identity;
 pub mod tls;
