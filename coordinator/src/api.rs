@@ -84,6 +84,26 @@ pub async fn read_guard<T>(ctx: &Ctx, req: &Request<T>) -> Result<Freshness, Sta
     Err(err.into())
 }
 
+/// Commits `cmd` as `origin` and waits (up to 5 s) until this node has applied it, so a read
+/// right after sees it. Refusals come back as a response, not an error: the caller decides
+/// what a refusal means for its RPC.
+pub(crate) async fn propose(
+    ctx: &Ctx,
+    origin: &str,
+    cmd: crate::state::Command,
+) -> error::ApiResult<crate::state::Response> {
+    let req = crate::state::Request {
+        at_unix_ms: now_unix_ms(),
+        origin: origin.to_owned(),
+        cmd,
+    };
+    let (index, resp) = ctx.node.write(req).await?;
+    let mut applied = ctx.node.applied();
+    let _late =
+        tokio::time::timeout(Duration::from_secs(5), applied.wait_for(|a| *a >= index)).await;
+    Ok(resp)
+}
+
 /// Milliseconds since the Unix epoch from the system clock. Only proposers call this: the
 /// state machine gets time from the request, never from a clock.
 pub fn now_unix_ms() -> i64 {

@@ -186,16 +186,7 @@ pub fn parse_policy(text: &str) -> Result<BackupPolicy, String> {
 
 /// Commits `cmd` and waits until this node applied it.
 pub(crate) async fn write(ctx: &Ctx, origin: &str, cmd: Command) -> ApiResult<state::Response> {
-    let req = state::Request {
-        at_unix_ms: now_unix_ms(),
-        origin: origin.to_owned(),
-        cmd,
-    };
-    let (index, resp) = ctx.node.write(req).await?;
-    let mut applied = ctx.node.applied();
-    let _late =
-        tokio::time::timeout(Duration::from_secs(5), applied.wait_for(|a| *a >= index)).await;
-    Ok(resp)
+    super::propose(ctx, origin, cmd).await
 }
 
 /// Issues commands, returning their keys (new or existing).

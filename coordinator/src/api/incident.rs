@@ -4,15 +4,12 @@
 //! operations table at read time (created between opening and resolution), so an incident
 //! never needs updating when a failover or restore starts.
 
-use std::time::Duration;
-
 use dr_proto::pb;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
 use super::auth::{Permission, authorize};
 use super::error::{ApiError, ApiResult};
-use super::now_unix_ms;
 use crate::Ctx;
 use crate::state::incidents::{Incident, IncidentCommand, Level, id_text, parse_id};
 use crate::state::{self, Command, State};
@@ -26,19 +23,10 @@ impl IncidentApi {
         IncidentApi { ctx }
     }
 
-    async fn commit(&self, origin: &str, cmd: IncidentCommand) -> ApiResult<u64> {
-        let req = state::Request {
-            at_unix_ms: now_unix_ms(),
-            origin: origin.to_owned(),
-            cmd: Command::Incident(cmd),
-        };
-        let (index, resp) = self.ctx.node.write(req).await?;
-        let mut applied = self.ctx.node.applied();
-        let _waited =
-            tokio::time::timeout(Duration::from_secs(5), applied.wait_for(|a| *a >= index)).await;
-        match resp {
+    async fn commit(&self, origin: &str, cmd: IncidentCommand) -> ApiResult<()> {
+        match super::propose(&self.ctx, origin, Command::Incident(cmd)).await? {
             state::Response::Refused { refusal } => Err(ApiError::Refused(refusal)),
-            _ => Ok(index),
+            _ => Ok(()),
         }
     }
 

@@ -83,16 +83,7 @@ impl ResponseApi {
     }
 
     async fn commit(&self, origin: &SpiffeId, cmd: Command) -> ApiResult<state::Response> {
-        let req = state::Request {
-            at_unix_ms: now_unix_ms(),
-            origin: origin.to_string(),
-            cmd,
-        };
-        let (index, resp) = self.ctx.node.write(req).await?;
-        let mut applied = self.ctx.node.applied();
-        let _waited =
-            tokio::time::timeout(Duration::from_secs(5), applied.wait_for(|a| *a >= index)).await;
-        match resp {
+        match super::propose(&self.ctx, &origin.to_string(), cmd).await? {
             state::Response::Refused { refusal } => Err(ApiError::Refused(refusal)),
             other => Ok(other),
         }

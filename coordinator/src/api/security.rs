@@ -131,21 +131,7 @@ pub async fn build_launch(
 /// Commits one command and waits (up to 5 s) until this node has applied it, so a read
 /// right after sees it. Refusals come back as a response, not an error.
 async fn propose(ctx: &Ctx, origin: &str, cmd: Command) -> ApiResult<state::Response> {
-    let (index, resp) = ctx
-        .node
-        .write(state::Request {
-            at_unix_ms: now_unix_ms(),
-            origin: origin.to_owned(),
-            cmd,
-        })
-        .await?;
-    let mut applied = ctx.node.applied();
-    let _waited = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        applied.wait_for(|a| *a >= index),
-    )
-    .await;
-    Ok(resp)
+    super::propose(ctx, origin, cmd).await
 }
 
 fn decide_status(e: &DecideError) -> Status {
