@@ -11,117 +11,14 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use dr_tests::harness::cluster::{AgentSpec, agent_name, coord_name, json_list};
 use dr_tests::{LinkMode, TestCluster, wait_until};
-use tokio::sync::Mutex;
 use tracing::info;
 
 use super::pg_pair::PgNode;
-
-fn topology(bj: &PgNode, sh: &PgNode) -> String {
-    format!(
-        r#"version = 1
-name = "yeslocker"
-
-[[regions]]
-name = "beijing"
-kind = "primary"
-
-[[regions]]
-name = "shanghai"
-kind = "secondary"
-
-[[regions]]
-name = "witness"
-kind = "witness"
-
-[[sites]]
-name = "beijing-dc1"
-region = "beijing"
-
-[[sites]]
-name = "shanghai-dc1"
-region = "shanghai"
-
-[[hosts]]
-host_id = "bj-db-1"
-region = "beijing"
-site = "beijing-dc1"
-roles = ["db"]
-
-[[hosts]]
-host_id = "sh-db-1"
-region = "shanghai"
-site = "shanghai-dc1"
-roles = ["db"]
-
-[[db_clusters]]
-name = "yeslocker"
-members = ["bj-db-1", "sh-db-1"]
-primary = "bj-db-1"
-tier = "critical"
-
-[db_clusters.replication]
-application_name = "yeslocker"
-slots = {{ bj-db-1 = "dr_bj_db_1", sh-db-1 = "dr_sh_db_1" }}
-conninfo = {{ bj-db-1 = "host=127.0.0.1 port={} user=replicator", sh-db-1 = "host=127.0.0.1 port={} user=replicator" }}
-
-[failover]
-automatic = false
-detect_after = "3s"
-lease = "4s"
-cooldown = "10m"
-"#,
-        bj.port, sh.port
-    )
-}
+// The topology, the writer and its acknowledgement log are failback's (t80), which runs
+// the same pair through a switchover and back.
+use super::t80_failback::{Acks, topology, writer};
 
 /// One acknowledged write: row id and the port of the server that committed it.
-type Acks = Arc<Mutex<Vec<(i64, u16)>>>;
-
-/// Inserts a row every ~50 ms into whichever server accepts it (beijing tried first).
-async fn writer(urls: Vec<(u16, String)>, acks: Acks, stop: Arc<AtomicBool>) -> u64 {
-    use sqlx::Connection as _;
-    let mut conns: Vec<Option<sqlx::PgConnection>> = urls.iter().map(|_| None).collect();
-    let mut id: i64 = 0;
-    let mut failures = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        id += 1;
-        let mut acked = false;
-        for (i, (port, url)) in urls.iter().enumerate() {
-            if conns[i].is_none()
-                && let Ok(Ok(c)) = tokio::time::timeout(
-                    Duration::from_millis(500),
-                    sqlx::PgConnection::connect(url),
-                )
-                .await
-            {
-                conns[i] = Some(c);
-            }
-            let Some(c) = conns[i].as_mut() else { continue };
-            let r = tokio::time::timeout(
-                Duration::from_secs(1),
-                sqlx::query("insert into writes (id) values ($1)")
-                    .bind(id)
-                    .execute(&mut *c),
-            )
-            .await;
-            match r {
-                Ok(Ok(_)) => {
-                    acks.lock().await.push((id, *port));
-                    acked = true;
-                    break;
-                }
-                // Read-only (a replica): keep the connection, try the other server.
-                Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("25006") => {}
-                _ => conns[i] = None,
-            }
-        }
-        if !acked {
-            failures += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    failures
-}
 
 #[tokio::test]
 async fn planned_switchover_with_writer_loses_nothing() -> Result<()> {
@@ -183,7 +80,7 @@ async fn scenario(
 
     info!("--- apply the topology");
     let file = pgdir.path().join("topology.toml");
-    std::fs::write(&file, topology(bj, sh))?;
+    std::fs::write(&file, topology(bj, sh, ""))?;
     let file = file.to_string_lossy().into_owned();
     let v = cluster.drctl_json(["apply", "-f", &file]).await?;
     assert_eq!(v["applied"], true, "{v}");
