@@ -8,9 +8,6 @@
 //! (3) carry the same SPIFFE identity as the current certificate and (4) chain to the CA
 //! bundle in use: a wrong pair on disk would cut the process off at the next reload.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -19,6 +16,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
+use crate::atomic_file::write_atomic;
 use crate::identity::SpiffeId;
 use crate::tls::{TlsPaths, cert_sha256_hex};
 
@@ -46,12 +44,8 @@ pub enum CertRotationError {
         "no pending certificate request ({0} is missing): request a CSR first (drctl rotate-credentials --scope certs)"
     )]
     NoPending(PathBuf),
-    #[error("replace {path}: {step}: {source}")]
-    Write {
-        path: PathBuf,
-        step: &'static str,
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    Write(#[from] crate::atomic_file::AtomicWriteError),
     #[error("{0}")]
     Other(String),
 }
@@ -230,58 +224,4 @@ fn current_sans(leaf: &CertificateDer<'_>) -> Result<Vec<rcgen::SanType>, CertRo
         }
     }
     Ok(out)
-}
-
-/// Replaces `path` so a reader sees the whole old or the whole new file: temp file in the
-/// same directory, old mode and owner, fsync, rename, directory fsync.
-fn write_atomic(path: &Path, content: &[u8], new_mode: u32) -> Result<(), CertRotationError> {
-    let e = |step: &'static str| {
-        let path = path.to_path_buf();
-        move |source| CertRotationError::Write { path, step, source }
-    };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let old = match std::fs::metadata(path) {
-        Ok(m) => Some(m),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
-        Err(err) => return Err(e("stat")(err)),
-    };
-    let mode = old
-        .as_ref()
-        .map_or(new_mode, |m| m.permissions().mode() & 0o7777);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.dr-tmp-{}-{nanos}", std::process::id()));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(e("create temp file"))?;
-        if let Some(m) = &old {
-            std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid())).map_err(e("chown"))?;
-        }
-        f.set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(e("chmod"))?;
-        f.write_all(content).map_err(e("write"))?;
-        f.sync_all().map_err(e("fsync"))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(e("rename"))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(e("fsync directory"))
-    })();
-    if result.is_err() {
-        let _gone_or_never_made = std::fs::remove_file(&tmp);
-    }
-    result
 }

@@ -17,6 +17,7 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dr_descriptor");
 }
 
+pub mod atomic_file;
 pub mod audit_chain;
 pub mod cert_rotation;
 pub mod codec;
