@@ -128,15 +128,39 @@ fn t10_push_repeat_conflict_fetch_prefetch() {
     );
     assert_eq!(out.status.code(), Some(1));
 
-    // A wrong key is named as such.
+    // A wrong key is named as such, and is an error, not "not in the archive": above 125, so
+    // PostgreSQL stops a restore instead of promoting without the segment.
     std::fs::write(root.join("repo.key"), format!("{}\n", "ab".repeat(32))).unwrap();
     let out = agent(&["wal-fetch", names[0], dest.to_str().unwrap()], &cfg);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(200));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("key"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // In a standby's data directory (PostgreSQL's working directory) the same error is 1:
+    // the standby retries and keeps streaming instead of shutting down.
+    let standby = root.join("standby-data");
+    std::fs::create_dir_all(&standby).unwrap();
+    std::fs::write(standby.join("standby.signal"), "").unwrap();
+    let out = Command::new(agent_exe())
+        .args([
+            "wal-fetch",
+            names[0],
+            dest.to_str().unwrap(),
+            "--repo-config",
+        ])
+        .arg(&cfg)
+        .current_dir(&standby)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    // A repository config that cannot be read is an error too, not the end of the archive.
+    let out = agent(
+        &["wal-fetch", names[0], dest.to_str().unwrap()],
+        &root.join("missing.toml"),
+    );
+    assert_eq!(out.status.code(), Some(200));
 }
 
 /// `--push-ahead`: the first call stores its segment and starts a pusher for the next `.ready`

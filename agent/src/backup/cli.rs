@@ -17,10 +17,16 @@
 //!                       [--to-time T | --to-lsn L | --to-xid X | --to-name N | --immediate]
 //!                       [--target-action promote|pause] [--timeline TL] [--port P] [--start]
 //! dr-agent wal-push %p  --repo-config F [--push-ahead N]   archive_command
-//! dr-agent wal-fetch %f %p --repo-config F         restore_command (exit 1 if absent)
+//! dr-agent wal-fetch %f %p --repo-config F         restore_command (exit 1 if absent, 200 on error)
 //! ```
-//! Exit codes: 0 success; 1 failure (or, for wal-fetch, "no such file"); errors go to stderr
-//! with what to do.
+//! Exit codes: 0 success; 1 failure; errors go to stderr with what to do. wal-fetch: 0 found,
+//! 1 not in the archive, and on an error (unreadable repository, wrong key, corrupt object)
+//! [`WAL_FETCH_ERROR_EXIT`] outside a standby. Why: PostgreSQL takes any exit status up to 125
+//! as "not in the archive", and during a restore that means "end of recovery": it would promote
+//! a database missing the WAL it could not read. Above 125 it stops recovery instead, so a
+//! failed fetch never starts a half-restored database. A standby (`standby.signal` in the data
+//! directory, PostgreSQL's working directory for restore_command) gets 1: it retries the
+//! archive and streams meanwhile, and must not shut down over a transient storage error.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -322,11 +328,25 @@ fn cancel_on_signal() -> CancellationToken {
     cancel
 }
 
+/// wal-fetch's exit status for an error outside a standby (see the module docs).
+pub const WAL_FETCH_ERROR_EXIT: u8 = 200;
+
+/// The exit status of a failed wal-fetch: 1 in a standby's data directory (PostgreSQL retries
+/// there), [`WAL_FETCH_ERROR_EXIT`] otherwise (PostgreSQL stops recovery instead of ending it).
+fn wal_fetch_error_code() -> ExitCode {
+    if std::path::Path::new("standby.signal").exists() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::from(WAL_FETCH_ERROR_EXIT)
+    }
+}
+
 /// Entry point for `main.rs`: logging to stderr, a runtime, the command, an exit code.
 /// wal-push/wal-fetch run once per WAL file from PostgreSQL, so they log warnings only
 /// (override with RUST_LOG).
 pub fn main(cmd: Command) -> ExitCode {
     let quiet = matches!(cmd, Command::WalPush(_) | Command::WalFetch(_));
+    let fetch = matches!(cmd, Command::WalFetch(_));
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if quiet { "warn" } else { "info,sqlx=warn" })
     });
@@ -354,7 +374,11 @@ pub fn main(cmd: Command) -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("dr-agent: {e:#}");
-            ExitCode::FAILURE
+            if fetch {
+                wal_fetch_error_code()
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -389,6 +413,10 @@ fn wal_fast_path(cmd: &Command) -> Option<ExitCode> {
             }
         }
         Command::WalFetch(a) => {
+            let fail = |e: anyhow::Error| {
+                eprintln!("dr-agent: {e:#}");
+                Some(wal_fetch_error_code())
+            };
             let cfg = match load(&a.repo) {
                 Ok(c) => c,
                 Err(e) => return fail(e),
