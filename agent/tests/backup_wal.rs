@@ -278,3 +278,65 @@ fn t10_push_ahead_then_verify_only() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `archive_command` runs as postgres, backups as root, in one fs repository: a `.tmp` (or
+/// `wal`) directory that root creates first must not lock wal-push out. Opening the repository
+/// as root hands both to the owner of the repository directory, also when an older agent had
+/// already made them root's.
+#[test]
+fn t20_root_opening_the_repository_first_does_not_lock_out_archive_command() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED: needs root (wal-push runs as the postgres user)");
+        return;
+    }
+    ensure_postgres_user();
+    let tmp = test_dir();
+    let root = tmp.path();
+    let repo = root.join("repo");
+    let cfg = fs_repo_config(root, &repo, "");
+    assert!(agent(&["repo", "init"], &cfg).status.success());
+    chown_postgres(root);
+    // As an agent before this fix left them: root's, and only root may write.
+    for d in [".tmp", "wal"] {
+        let _ = std::fs::remove_dir_all(repo.join(d));
+        std::fs::create_dir(repo.join(d)).unwrap();
+    }
+    // Any command of the agent (root) opening the repository.
+    let out = agent(&["backup", "list"], &cfg);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(&repo).unwrap().uid();
+    assert_ne!(owner, 0);
+    for d in [".tmp", "wal"] {
+        assert_eq!(std::fs::metadata(repo.join(d)).unwrap().uid(), owner, "{d}");
+    }
+    // Removed: opening creates them, again for the repository's owner.
+    for d in [".tmp", "wal"] {
+        std::fs::remove_dir_all(repo.join(d)).unwrap();
+    }
+    assert!(agent(&["backup", "list"], &cfg).status.success());
+    for d in [".tmp", "wal"] {
+        assert_eq!(std::fs::metadata(repo.join(d)).unwrap().uid(), owner, "{d}");
+    }
+    // And the server's user archives into it.
+    let wal = root.join("pg_wal");
+    std::fs::create_dir_all(&wal).unwrap();
+    let seg = wal.join("000000010000000000000001");
+    std::fs::write(&seg, segment(5)).unwrap();
+    chown_postgres(&wal);
+    let out = as_postgres(agent_exe())
+        .args(["wal-push", seg.to_str().unwrap(), "--repo-config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(repo.join("wal/00000001/000000010000000000000001").exists());
+}

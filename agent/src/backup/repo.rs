@@ -13,7 +13,7 @@ use std::time::Duration;
 use opendal::layers::{RetryLayer, TimeoutLayer};
 use opendal::{ErrorKind, Operator, services};
 use serde::{Deserialize, Serialize};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::key::{ChunkId, RepoKey};
 use super::manifest::{BackupId, Manifest};
@@ -48,6 +48,46 @@ pub struct Repository {
     /// Root directory of an fs location: chunk reads and writes of backups and restores go
     /// straight to the filesystem (see [`ChunkSink`]); everything else through opendal.
     fs_root: Option<PathBuf>,
+}
+
+/// Directories of an fs repository that `archive_command` (run as the PostgreSQL server's
+/// user) writes into, while backups, prunes and restores run in the agent, usually as root.
+/// Why: a `.tmp` or `wal` directory first created by root would be root's, and every later
+/// `wal-push` would fail with "permission denied" until someone noticed the archive stopped.
+/// So they are created up front, and when we run as root they belong to the owner of the
+/// repository's root directory (the operator hands that directory to the server's user).
+const SHARED_DIRS: [&str; 2] = [".tmp", "wal"];
+
+fn prepare_shared_dirs(root: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    // Best effort: a read-only location (a restore from a mounted NAS copy) stays usable for
+    // reading; a write that needs these directories names its own error.
+    let Ok(owner) = std::fs::metadata(root) else {
+        return;
+    };
+    let is_root = nix::unistd::Uid::effective().is_root();
+    for d in SHARED_DIRS {
+        let dir = root.join(d);
+        if let Err(e) = std::fs::create_dir(&dir)
+            && e.kind() != std::io::ErrorKind::AlreadyExists
+        {
+            debug!(error = %e, dir = %dir.display(), "cannot create a repository directory");
+            continue;
+        }
+        if !is_root {
+            continue;
+        }
+        let Ok(meta) = std::fs::metadata(&dir) else {
+            continue;
+        };
+        if (meta.uid() != owner.uid() || meta.gid() != owner.gid())
+            && let Err(e) = std::os::unix::fs::chown(&dir, Some(owner.uid()), Some(owner.gid()))
+        {
+            warn!(error = %e, dir = %dir.display(), uid = owner.uid(),
+                "cannot hand a repository directory to the owner of the repository; \
+                 archive_command running as that user may fail with permission denied");
+        }
+    }
 }
 
 /// Build the opendal operator for a location.
@@ -211,7 +251,10 @@ impl Repository {
         };
         check_meta(&raw, &key)?;
         let fs_root = match &cfg.location {
-            Location::Fs { path } => Some(path.clone()),
+            Location::Fs { path } => {
+                prepare_shared_dirs(path);
+                Some(path.clone())
+            }
             _ => None,
         };
         Ok(Repository {
