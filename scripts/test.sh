@@ -131,11 +131,11 @@ done
 if [ -f "$log_dir/tests.log" ]; then
   echo "== test runner results (full log: $log_dir/tests.log)"
   # Unindented "test result:" only: indented ones are a failed test's own output in nextest's report.
-  grep -E '^( *Summary \[|test result:| +(FAIL|TIMEOUT|SIGSEGV|SIGKILL|SIGABRT) \[)' "$log_dir/tests.log" \
+  grep -E '^( *Summary \[|test result:| +(FAIL|FLAKY|TRY [0-9]+ FAIL|TIMEOUT|SIGSEGV|SIGKILL|SIGABRT) \[)' "$log_dir/tests.log" \
     | awk '!seen[$0]++' | tail -40 || true
   # Why each failed test failed, close to the end of the output: a failed test's own report
   # (logs, then a long backtrace) can push its error line out of a truncated CI excerpt.
-  if grep -qE '^ +(FAIL|TIMEOUT) \[' "$log_dir/tests.log"; then
+  if grep -qE '^ +(FAIL|TRY [0-9]+ FAIL|FLAKY|TIMEOUT) \[' "$log_dir/tests.log"; then
     echo "== failure causes (error and panic lines of failed tests)"
     grep -aE '(^|[[:space:]])(Error: |Caused by:|thread .* panicked at|assertion .*failed|child processes panicked)' \
       "$log_dir/tests.log" -A3 | grep -avE '^\s*[0-9]+: |^\s+at ' | cut -c1-400 | head -60 || true
