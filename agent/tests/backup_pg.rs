@@ -233,3 +233,119 @@ async fn t10_full_incr_restore_verify_prune() {
     assert!(!repo_dir.join(orphan_id.object_name()).exists());
     assert!(repo_dir.join(ids[2].object_name()).exists());
 }
+
+/// A WAL segment the archive holds but cannot serve (corrupt object) during a restore to the
+/// end of the archive: recovery stops and the server does not start, instead of taking the
+/// failed fetch as the end of the archive and promoting without the later commits (which is
+/// what an exit status of 1 from restore_command makes PostgreSQL do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t20_corrupt_wal_segment_stops_recovery_instead_of_promoting() {
+    let tmp = test_dir();
+    let root = tmp.path();
+    let repo_dir = root.join("repo");
+    let cfg_path = fs_repo_config(root, &repo_dir, "");
+    let cfg = RepoConfig::load(&cfg_path, &HashMap::new()).unwrap();
+    let repo = Repository::init(&cfg).await.unwrap();
+    chown_postgres(root);
+    let port = free_port();
+    let data = root.join("data");
+    let archive = format!(
+        "archive_mode = on\narchive_command = '{} wal-push %p --repo-config {}'\n",
+        agent_exe(),
+        cfg_path.display()
+    );
+    let pg = Pg::init(&data, port, &archive);
+    pg.start();
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    let opts = BackupOptions {
+        pg_url: pg.url(),
+        data_dir: data.clone(),
+        kind: BackupKind::Full,
+        fast_checkpoint: true,
+    };
+    let full = run_backup(&repo, &opts, &CancellationToken::new())
+        .await
+        .unwrap();
+    // Two more archived segments with commits in them.
+    for _ in 0..2 {
+        pg.pgbench(&["-c", "2", "-t", "300"]);
+        pg.query_i64("select 1::bigint from pg_switch_wal()").await;
+    }
+    let last = pg
+        .query_i64("select ((pg_current_wal_lsn() - '0/0') / 16777216)::bigint")
+        .await
+        - 1;
+    wait_until(
+        || {
+            std::fs::read_dir(repo_dir.join("wal/00000001"))
+                .map(|d| d.count() as i64)
+                .unwrap_or(0)
+                > last
+        },
+        Duration::from_secs(120),
+        "the archiver stores every segment up to the last switch",
+    )
+    .await;
+    pg.stop();
+
+    // The first segment after the backup's end: commits that a restore to the latest point
+    // must not silently drop.
+    let seg = (full.stop_lsn.0 - 1) / (16 << 20) + 1;
+    assert!(
+        (seg as i64) < last,
+        "segment {seg:X} after the backup is archived"
+    );
+    let object = repo_dir.join(format!(
+        "wal/00000001/00000001{:08X}{:08X}",
+        seg >> 8,
+        seg & 0xff
+    ));
+    let mut bytes = std::fs::read(&object).unwrap();
+    let n = bytes.len() / 2;
+    bytes[n] ^= 0x01;
+    std::fs::write(&object, bytes).unwrap();
+
+    let target = root.join("restore-latest");
+    let rport = free_port();
+    let ropts = RestoreOptions {
+        restore_command: Some(format!(
+            "{} wal-fetch %f %p --repo-config {}",
+            agent_exe(),
+            cfg_path.display()
+        )),
+        extra_conf: vec![
+            format!("port = {rport}"),
+            format!("unix_socket_directories = '{}'", target.display()),
+            "archive_mode = off".into(),
+        ],
+    };
+    restore(&repo, &full.id, &target, &ropts, &CancellationToken::new())
+        .await
+        .unwrap();
+    chown_postgres(&target);
+    let restored = Pg::existing(&target, rport);
+    let log = target.with_extension("log");
+    std::fs::write(&log, b"").unwrap();
+    chown_postgres(&log);
+    let out = as_postgres(&format!("{PG_BIN}/pg_ctl"))
+        .args(["-D"])
+        .arg(&target)
+        .args(["-l"])
+        .arg(&log)
+        .args(["-t", "120", "-w", "start"])
+        .output()
+        .unwrap();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    if out.status.success() {
+        restored.stop();
+        panic!("the server started (promoted) without segment {seg:X}; log:\n{text}");
+    }
+    assert!(
+        text.contains("exit code 200"),
+        "recovery stopped on wal-fetch's error status; log:\n{text}"
+    );
+    assert!(
+        !target.join("postmaster.pid").exists(),
+        "no server left running"
+    );
+}
