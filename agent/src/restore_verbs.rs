@@ -791,7 +791,14 @@ fn log_tail(dir: &Path) -> String {
     let text = std::fs::read_to_string(dir.join(LOG)).unwrap_or_default();
     let lines: Vec<&str> = text
         .lines()
-        .filter(|l| l.contains("FATAL") || l.contains("ERROR") || l.contains("PANIC"))
+        .filter(|l| {
+            // `dr-agent:` lines are wal-fetch's own errors (restore_command's stderr goes to
+            // the server log): they name the repository object that could not be served.
+            l.contains("FATAL")
+                || l.contains("ERROR")
+                || l.contains("PANIC")
+                || l.contains("dr-agent:")
+        })
         .collect();
     let pick = if lines.is_empty() {
         text.lines().rev().take(3).collect::<Vec<_>>()

@@ -344,6 +344,12 @@ async fn t20_corrupt_wal_segment_stops_recovery_instead_of_promoting() {
         text.contains("exit code 200"),
         "recovery stopped on wal-fetch's error status; log:\n{text}"
     );
+    let name = object.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("dr-agent:") && l.contains(&name)),
+        "wal-fetch's error names the segment; log:\n{text}"
+    );
     assert!(
         !target.join("postmaster.pid").exists(),
         "no server left running"
