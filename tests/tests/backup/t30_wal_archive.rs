@@ -208,7 +208,27 @@ repo_config = "{}"
             break;
         }
         if Instant::now() > deadline {
-            bail!("archiver never reached segment {want_last:X} (last {last})");
+            // What the archiver says and what archive_command printed: CI keeps no test dirs.
+            let stats = run_ok(
+                &mut psql(
+                    &port,
+                    "select archived_count || ' archived, ' || failed_count || ' failed, last failed ' \
+                     || coalesce(last_failed_wal, '-') from pg_stat_archiver",
+                ),
+                "archiver statistics",
+            )
+            .await
+            .unwrap_or_else(|e| format!("{e:#}"));
+            let log =
+                std::fs::read_to_string(cluster.dir().log_path("postgres")).unwrap_or_default();
+            let tail: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("archive") || l.contains("dr-agent") || l.contains("FATAL"))
+                .collect();
+            let tail = tail[tail.len().saturating_sub(8)..].join("\n");
+            bail!(
+                "archiver never reached segment {want_last:X} (last {last}; {stats}); server log:\n{tail}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
