@@ -10,7 +10,6 @@
 
 mod backup_support;
 
-use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
@@ -18,7 +17,7 @@ use backup_support::*;
 use dr_agent::backup::basebackup::{BackupOptions, run_backup};
 use dr_agent::backup::restore::{RestoreOptions, restore};
 use dr_agent::backup::verify::verify;
-use dr_agent::backup::{BackupKind, RepoConfig, Repository};
+use dr_agent::backup::{BackupKind, Repository};
 use tokio_util::sync::CancellationToken;
 
 async fn restore_and_check(
@@ -29,21 +28,16 @@ async fn restore_and_check(
     expected: (i64, i64, i64),
 ) {
     let port = free_port();
-    let opts = RestoreOptions {
-        restore_command: Some(format!(
-            "{} wal-fetch %f %p --repo-config {}",
-            agent_exe(),
-            cfg_path.display()
-        )),
-        extra_conf: vec![
-            format!("port = {port}"),
-            format!("unix_socket_directories = '{}'", target.display()),
-            "archive_mode = off".into(),
-            // Exactly this backup's data: stop replay at the end-of-backup consistency point.
-            "recovery_target = 'immediate'".into(),
-            "recovery_target_action = 'promote'".into(),
+    // Exactly this backup's data: stop replay at the end-of-backup consistency point.
+    let opts = restore_opts(
+        cfg_path,
+        target,
+        port,
+        &[
+            "recovery_target = 'immediate'",
+            "recovery_target_action = 'promote'",
         ],
-    };
+    );
     restore(repo, id, target, &opts, &CancellationToken::new())
         .await
         .unwrap();
@@ -72,22 +66,8 @@ async fn t10_full_incr_restore_verify_prune() {
     let tmp = test_dir();
     let root = tmp.path();
     let repo_dir = root.join("repo");
-    let cfg_path = fs_repo_config(root, &repo_dir, "");
-    let cfg = RepoConfig::load(&cfg_path, &HashMap::new()).unwrap();
-    let repo = Repository::init(&cfg).await.unwrap();
-    // archive_command runs as postgres: it must read the key and write the repository.
-    chown_postgres(root);
-
-    let port = free_port();
+    let (cfg_path, repo, pg) = archiving_pg(root, 1).await;
     let data = root.join("data");
-    let archive = format!(
-        "archive_mode = on\narchive_command = '{} wal-push %p --repo-config {}'\n",
-        agent_exe(),
-        cfg_path.display()
-    );
-    let pg = Pg::init(&data, port, &archive);
-    pg.start();
-    pg.pgbench(&["-i", "-s", "1", "-q"]);
 
     // --- full backup
     let cancel = CancellationToken::new();
@@ -243,20 +223,8 @@ async fn t20_corrupt_wal_segment_stops_recovery_instead_of_promoting() {
     let tmp = test_dir();
     let root = tmp.path();
     let repo_dir = root.join("repo");
-    let cfg_path = fs_repo_config(root, &repo_dir, "");
-    let cfg = RepoConfig::load(&cfg_path, &HashMap::new()).unwrap();
-    let repo = Repository::init(&cfg).await.unwrap();
-    chown_postgres(root);
-    let port = free_port();
+    let (cfg_path, repo, pg) = archiving_pg(root, 1).await;
     let data = root.join("data");
-    let archive = format!(
-        "archive_mode = on\narchive_command = '{} wal-push %p --repo-config {}'\n",
-        agent_exe(),
-        cfg_path.display()
-    );
-    let pg = Pg::init(&data, port, &archive);
-    pg.start();
-    pg.pgbench(&["-i", "-s", "1", "-q"]);
     let opts = BackupOptions {
         pg_url: pg.url(),
         data_dir: data.clone(),
@@ -307,18 +275,7 @@ async fn t20_corrupt_wal_segment_stops_recovery_instead_of_promoting() {
 
     let target = root.join("restore-latest");
     let rport = free_port();
-    let ropts = RestoreOptions {
-        restore_command: Some(format!(
-            "{} wal-fetch %f %p --repo-config {}",
-            agent_exe(),
-            cfg_path.display()
-        )),
-        extra_conf: vec![
-            format!("port = {rport}"),
-            format!("unix_socket_directories = '{}'", target.display()),
-            "archive_mode = off".into(),
-        ],
-    };
+    let ropts = restore_opts(&cfg_path, &target, rport, &[]);
     restore(&repo, &full.id, &target, &ropts, &CancellationToken::new())
         .await
         .unwrap();

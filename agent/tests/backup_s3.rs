@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use backup_support::*;
 use dr_agent::backup::basebackup::{BackupOptions, run_backup};
 use dr_agent::backup::repo_config::{Location, Secret};
-use dr_agent::backup::restore::{RestoreOptions, restore};
+use dr_agent::backup::restore::restore;
 use dr_agent::backup::verify::verify;
 use dr_agent::backup::{BackupKind, RepoConfig, Repository};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -145,12 +145,7 @@ async fn t10_s3_killed_mid_backup_then_next_succeeds() {
 
     let port = free_port();
     let data = root.join("data");
-    let archive = format!(
-        "archive_mode = on\narchive_command = '{} wal-push %p --repo-config {}'\n",
-        agent_exe(),
-        cfg_path.display()
-    );
-    let pg = Pg::init(&data, port, &archive);
+    let pg = Pg::init(&data, port, &archive_conf(&cfg_path));
     pg.start();
     pg.pgbench(&["-i", "-s", "3", "-q"]);
     let expected = fingerprint(&pg).await;
@@ -217,20 +212,15 @@ async fn t10_s3_killed_mid_backup_then_next_succeeds() {
 
     let target = root.join("restore");
     let rport = free_port();
-    let ropts = RestoreOptions {
-        restore_command: Some(format!(
-            "{} wal-fetch %f %p --repo-config {}",
-            agent_exe(),
-            cfg_path.display()
-        )),
-        extra_conf: vec![
-            format!("port = {rport}"),
-            format!("unix_socket_directories = '{}'", target.display()),
-            "archive_mode = off".into(),
-            "recovery_target = 'immediate'".into(),
-            "recovery_target_action = 'promote'".into(),
+    let ropts = restore_opts(
+        &cfg_path,
+        &target,
+        rport,
+        &[
+            "recovery_target = 'immediate'",
+            "recovery_target_action = 'promote'",
         ],
-    };
+    );
     restore(&repo, &m.id, &target, &ropts, &CancellationToken::new())
         .await
         .unwrap();

@@ -38,12 +38,7 @@ async fn t10_prune_keeps_exactly_the_wal_backups_need() {
     let repo = Repository::init(&cfg).await.unwrap();
     chown_postgres(root);
     let port = free_port();
-    let archive = format!(
-        "archive_mode = on\narchive_command = '{} wal-push %p --repo-config {}'\n",
-        agent_exe(),
-        cfg_path.display()
-    );
-    let pg = Pg::init(&root.join("data"), port, &archive);
+    let pg = Pg::init(&root.join("data"), port, &archive_conf(&cfg_path));
     pg.start();
     let mut opts = BackupOptions {
         pg_url: pg.url(),

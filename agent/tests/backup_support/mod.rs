@@ -243,3 +243,51 @@ pub fn fs_repo_config(dir: &Path, repo: &Path, extra: &str) -> PathBuf {
     .unwrap();
     p
 }
+
+/// postgresql.conf lines: WAL archived by `dr-agent wal-push` into the repository of `cfg`.
+pub fn archive_conf(cfg: &Path) -> String {
+    format!(
+        "archive_mode = on\narchive_command = '{} wal-push %p --repo-config {}'\n",
+        agent_exe(),
+        cfg.display()
+    )
+}
+
+/// Restore options for a server in `target` on `port`, WAL through `dr-agent wal-fetch` from
+/// the repository of `cfg`, archiving off, plus `extra` settings (a recovery target).
+pub fn restore_opts(
+    cfg: &Path,
+    target: &Path,
+    port: u16,
+    extra: &[&str],
+) -> dr_agent::backup::restore::RestoreOptions {
+    let mut extra_conf = vec![
+        format!("port = {port}"),
+        format!("unix_socket_directories = '{}'", target.display()),
+        "archive_mode = off".to_owned(),
+    ];
+    extra_conf.extend(extra.iter().map(|s| (*s).to_owned()));
+    dr_agent::backup::restore::RestoreOptions {
+        restore_command: Some(format!(
+            "{} wal-fetch %f %p --repo-config {}",
+            agent_exe(),
+            cfg.display()
+        )),
+        extra_conf,
+    }
+}
+
+/// An fs repository in `<root>/repo` (config `<root>/repository.toml`) and a PostgreSQL in
+/// `<root>/data` archiving into it, started and initialised with pgbench at `scale`. `root`
+/// is handed to postgres: archive_command must read the key and write the repository.
+pub async fn archiving_pg(root: &Path, scale: u32) -> (PathBuf, dr_agent::backup::Repository, Pg) {
+    let cfg_path = fs_repo_config(root, &root.join("repo"), "");
+    let cfg =
+        dr_agent::backup::RepoConfig::load(&cfg_path, &std::collections::HashMap::new()).unwrap();
+    let repo = dr_agent::backup::Repository::init(&cfg).await.unwrap();
+    chown_postgres(root);
+    let pg = Pg::init(&root.join("data"), free_port(), &archive_conf(&cfg_path));
+    pg.start();
+    pg.pgbench(&["-i", "-s", &scale.to_string(), "-q"]);
+    (cfg_path, repo, pg)
+}
