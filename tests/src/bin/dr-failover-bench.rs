@@ -189,64 +189,6 @@ async fn writer(
     }
 }
 
-fn topology(bj: &PgNode, sh: &PgNode, lease: &str, detect_after: &str) -> String {
-    format!(
-        r#"version = 1
-name = "yeslocker"
-
-[[regions]]
-name = "beijing"
-kind = "primary"
-
-[[regions]]
-name = "shanghai"
-kind = "secondary"
-
-[[regions]]
-name = "witness"
-kind = "witness"
-
-[[sites]]
-name = "beijing-dc1"
-region = "beijing"
-
-[[sites]]
-name = "shanghai-dc1"
-region = "shanghai"
-
-[[hosts]]
-host_id = "bj-db-1"
-region = "beijing"
-site = "beijing-dc1"
-roles = ["db"]
-
-[[hosts]]
-host_id = "sh-db-1"
-region = "shanghai"
-site = "shanghai-dc1"
-roles = ["db"]
-
-[[db_clusters]]
-name = "yeslocker"
-members = ["bj-db-1", "sh-db-1"]
-primary = "bj-db-1"
-tier = "critical"
-
-[db_clusters.replication]
-application_name = "yeslocker"
-slots = {{ bj-db-1 = "dr_bj_db_1", sh-db-1 = "dr_sh_db_1" }}
-conninfo = {{ bj-db-1 = "host=127.0.0.1 port={} user=replicator", sh-db-1 = "host=127.0.0.1 port={} user=replicator" }}
-
-[failover]
-automatic = true
-detect_after = "{detect_after}"
-lease = "{lease}"
-cooldown = "10m"
-"#,
-        bj.port, sh.port
-    )
-}
-
 /// SIGKILL to the postmaster of `node` and all its children at once (host loss).
 fn kill_postgres(node: &PgNode) -> Result<()> {
     use nix::sys::signal::{Signal, kill};
@@ -347,7 +289,12 @@ async fn measure(
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let file = pgdir.path().join("topology.toml");
-    std::fs::write(&file, topology(bj, sh, &args.lease, &args.detect_after))?;
+    let topo = pg_pair::Topo {
+        lease: args.lease.clone(),
+        detect_after: args.detect_after.clone(),
+        ..pg_pair::Topo::default()
+    };
+    std::fs::write(&file, pg_pair::topology(bj, sh, &topo))?;
     let file = file.to_string_lossy().into_owned();
     cluster.drctl_json(["apply", "-f", &file]).await?;
     // The candidate's agent must report streaming replication before anything is measured.

@@ -275,3 +275,102 @@ fn append(path: &Path, text: &str) -> Result<()> {
     f.write_all(text.as_bytes())?;
     Ok(())
 }
+
+/// Knobs of the failover tests' (and dr-failover-bench's) topology: beijing primary with
+/// bj-db-1, shanghai secondary with sh-db-1 streaming from it, a witness region unless
+/// `witness` is false, one critical database cluster.
+#[derive(Clone, Debug)]
+pub struct Topo {
+    pub witness: bool,
+    pub automatic: bool,
+    /// The cluster's RPO (`rpo = ...`); None: the tier's default.
+    pub rpo: Option<&'static str>,
+    /// `[failover] lease`.
+    pub lease: String,
+    /// `[failover] detect_after`.
+    pub detect_after: String,
+    /// More entries (hosts, services, traffic providers), placed after the two db hosts.
+    pub extra: String,
+}
+
+impl Default for Topo {
+    fn default() -> Self {
+        Topo {
+            witness: true,
+            automatic: true,
+            rpo: None,
+            lease: "4s".into(),
+            detect_after: "2s".into(),
+            extra: String::new(),
+        }
+    }
+}
+
+/// The topology document (`drctl topology apply`) for `bj` and `sh` with the knobs `t`.
+pub fn topology(bj: &PgNode, sh: &PgNode, t: &Topo) -> String {
+    let witness = if t.witness {
+        "\n[[regions]]\nname = \"witness\"\nkind = \"witness\"\n"
+    } else {
+        ""
+    };
+    let rpo = t
+        .rpo
+        .map(|r| format!("rpo = \"{r}\"\n"))
+        .unwrap_or_default();
+    format!(
+        r#"version = 1
+name = "yeslocker"
+
+[[regions]]
+name = "beijing"
+kind = "primary"
+
+[[regions]]
+name = "shanghai"
+kind = "secondary"
+{witness}
+[[sites]]
+name = "beijing-dc1"
+region = "beijing"
+
+[[sites]]
+name = "shanghai-dc1"
+region = "shanghai"
+
+[[hosts]]
+host_id = "bj-db-1"
+region = "beijing"
+site = "beijing-dc1"
+roles = ["db"]
+
+[[hosts]]
+host_id = "sh-db-1"
+region = "shanghai"
+site = "shanghai-dc1"
+roles = ["db"]
+{extra}
+[[db_clusters]]
+name = "yeslocker"
+members = ["bj-db-1", "sh-db-1"]
+primary = "bj-db-1"
+tier = "critical"
+{rpo}
+[db_clusters.replication]
+application_name = "yeslocker"
+slots = {{ bj-db-1 = "dr_bj_db_1", sh-db-1 = "dr_sh_db_1" }}
+conninfo = {{ bj-db-1 = "host=127.0.0.1 port={} user=replicator", sh-db-1 = "host=127.0.0.1 port={} user=replicator" }}
+
+[failover]
+automatic = {}
+detect_after = "{}"
+lease = "{}"
+cooldown = "10m"
+"#,
+        bj.port,
+        sh.port,
+        t.automatic,
+        t.detect_after,
+        t.lease,
+        extra = t.extra,
+    )
+}

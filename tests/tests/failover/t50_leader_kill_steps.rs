@@ -26,7 +26,7 @@ async fn leader_killed_at_every_step_plan_completes_once() -> Result<()> {
             // about the plan, not about a self-fence racing the switchover. A switchover
             // never waits for the lease, so a long one costs nothing; 15 s was once not
             // enough on a loaded machine (an election took 14 s, shanghai fenced itself).
-            lease: "60s",
+            lease: "60s".into(),
             ..Topo::default()
         },
     )

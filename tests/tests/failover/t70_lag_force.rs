@@ -21,7 +21,7 @@ async fn lag_above_rpo_refused_then_forced() -> Result<()> {
             // The leadership is moved (kill -9 of coordinator 1) before the scenario; the
             // election and the agents' reconnection must fit in the beijing primary's lease
             // or it fences itself before the test begins.
-            lease: "12s",
+            lease: "12s".into(),
             ..Topo::default()
         },
     )

@@ -27,62 +27,18 @@ use tracing::info;
 
 use super::pg_pair::PgNode;
 
-/// The t20 topology, plus `extra` (more hosts, services, traffic providers).
+/// The t20 topology: failover by hand (detect 3 s, lease 4 s), plus `extra` (more hosts,
+/// services, traffic providers).
 pub fn topology(bj: &PgNode, sh: &PgNode, extra: &str) -> String {
-    format!(
-        r#"version = 1
-name = "yeslocker"
-
-[[regions]]
-name = "beijing"
-kind = "primary"
-
-[[regions]]
-name = "shanghai"
-kind = "secondary"
-
-[[regions]]
-name = "witness"
-kind = "witness"
-
-[[sites]]
-name = "beijing-dc1"
-region = "beijing"
-
-[[sites]]
-name = "shanghai-dc1"
-region = "shanghai"
-
-[[hosts]]
-host_id = "bj-db-1"
-region = "beijing"
-site = "beijing-dc1"
-roles = ["db"]
-
-[[hosts]]
-host_id = "sh-db-1"
-region = "shanghai"
-site = "shanghai-dc1"
-roles = ["db"]
-{extra}
-[[db_clusters]]
-name = "yeslocker"
-members = ["bj-db-1", "sh-db-1"]
-primary = "bj-db-1"
-tier = "critical"
-
-[db_clusters.replication]
-application_name = "yeslocker"
-slots = {{ bj-db-1 = "dr_bj_db_1", sh-db-1 = "dr_sh_db_1" }}
-conninfo = {{ bj-db-1 = "host=127.0.0.1 port={} user=replicator", sh-db-1 = "host=127.0.0.1 port={} user=replicator" }}
-
-[failover]
-automatic = false
-detect_after = "3s"
-lease = "4s"
-cooldown = "10m"
-"#,
-        bj.port, sh.port
+    super::pg_pair::topology(
+        bj,
+        sh,
+        &super::pg_pair::Topo {
+            automatic: false,
+            detect_after: "3s".into(),
+            extra: extra.to_owned(),
+            ..super::pg_pair::Topo::default()
+        },
     )
 }
 
