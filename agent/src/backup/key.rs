@@ -33,6 +33,9 @@ use std::cell::RefCell;
 use std::fmt;
 use std::path::Path;
 
+use blake3::hazmat::{
+    ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
+};
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
@@ -225,21 +228,46 @@ impl RepoKey {
         hash: ChunkId,
         pieces: &[Vec<u8>],
     ) -> BackupResult<Vec<u8>> {
+        match self.seal_compressed(name, plain.len(), hash, pieces)? {
+            Some(sealed) => Ok(sealed),
+            None => self.seal_parts(name, 0, hash, &[plain]),
+        }
+    }
+
+    /// Seal the zstd frames `pieces` (which decode, concatenated, to a plaintext of `plain_len`
+    /// bytes hashing to `hash`). None when they are not smaller than the plaintext: the caller
+    /// seals the plaintext itself then ([`RepoKey::seal_hashed`] does), as every reader expects.
+    pub(crate) fn seal_compressed(
+        &self,
+        name: &str,
+        plain_len: usize,
+        hash: ChunkId,
+        pieces: &[Vec<u8>],
+    ) -> BackupResult<Option<Vec<u8>>> {
         let clen: usize = pieces.iter().map(Vec::len).sum();
-        let compressed = clen < plain.len();
-        let body_len = if compressed { clen } else { plain.len() };
+        if clen >= plain_len {
+            return Ok(None);
+        }
+        let parts: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+        self.seal_parts(name, FLAG_ZSTD, hash, &parts).map(Some)
+    }
+
+    fn seal_parts(
+        &self,
+        name: &str,
+        flags: u8,
+        hash: ChunkId,
+        parts: &[&[u8]],
+    ) -> BackupResult<Vec<u8>> {
+        let body_len: usize = parts.iter().map(|p| p.len()).sum();
         let mut out = Vec::with_capacity(HEADER_LEN + body_len + TAG_LEN);
         out.extend_from_slice(MAGIC);
-        out.push(if compressed { FLAG_ZSTD } else { 0 });
+        out.push(flags);
         out.extend_from_slice(&hash.0);
         let nonce: [u8; 24] = rand::random();
         out.extend_from_slice(&nonce);
-        if compressed {
-            for p in pieces {
-                out.extend_from_slice(p);
-            }
-        } else {
-            out.extend_from_slice(plain);
+        for p in parts {
+            out.extend_from_slice(p);
         }
         let aad = aad(name, &hash);
         let tag = self
@@ -248,6 +276,66 @@ impl RepoKey {
             .map_err(|_| BackupError::Invalid("encryption failed".into()))?;
         out.extend_from_slice(&tag);
         Ok(out)
+    }
+
+    /// BLAKE3 chaining value of the piece `data` of a larger plaintext, starting at `offset`:
+    /// the pieces of one plaintext hashed on several threads combine into its
+    /// [`RepoKey::hash`] ([`RepoKey::merge_piece_hashes`]). Every piece but the last must be
+    /// `piece` bytes, a power of two of at least [`blake3::CHUNK_LEN`], and `offset` a multiple
+    /// of it.
+    pub fn piece_hash(&self, offset: u64, data: &[u8]) -> ChainingValue {
+        let mut h = self.hasher();
+        h.set_input_offset(offset);
+        h.update(data);
+        h.finalize_non_root()
+    }
+
+    /// The hash of a plaintext of `len` bytes from the chaining values of its pieces of
+    /// `piece` bytes (at least two), in order; equal to [`RepoKey::hash`] of the whole.
+    pub fn merge_piece_hashes(
+        &self,
+        cvs: &[ChainingValue],
+        len: u64,
+        piece: u64,
+    ) -> BackupResult<ChunkId> {
+        if cvs.len() < 2
+            || !piece.is_power_of_two()
+            || piece < blake3::CHUNK_LEN as u64
+            || len.div_ceil(piece) != cvs.len() as u64
+        {
+            return Err(BackupError::Invalid(format!(
+                "{} piece hashes of {piece} bytes cannot make the hash of {len} bytes",
+                cvs.len()
+            )));
+        }
+        // BLAKE3's tree: the left subtree holds the largest power of two of chunks below the
+        // total; with equal power-of-two pieces that is always a whole number of pieces.
+        fn split(
+            key: &[u8; 32],
+            cvs: &[ChainingValue],
+            len: u64,
+            piece: u64,
+        ) -> (ChainingValue, ChainingValue) {
+            let left = left_subtree_len(len);
+            let n = usize::try_from(left / piece).map_or(cvs.len(), |n| n.min(cvs.len()));
+            (
+                subtree(key, &cvs[..n], left, piece),
+                subtree(key, &cvs[n..], len - left, piece),
+            )
+        }
+        fn subtree(key: &[u8; 32], cvs: &[ChainingValue], len: u64, piece: u64) -> ChainingValue {
+            match cvs {
+                [one] => *one,
+                _ => {
+                    let (a, b) = split(key, cvs, len, piece);
+                    merge_subtrees_non_root(&a, &b, Mode::KeyedHash(key))
+                }
+            }
+        }
+        let (a, b) = split(&self.id_key, cvs, len, piece);
+        Ok(ChunkId(
+            *merge_subtrees_root(&a, &b, Mode::KeyedHash(&self.id_key)).as_bytes(),
+        ))
     }
 
     /// The plaintext hash recorded in a sealed object's header (not authenticated until
@@ -547,6 +635,50 @@ mod tests {
         let mut out = vec![0u8; hard.len()];
         k.open_chunk_into("data/h", &mut s, &mut out).unwrap();
         assert!(out == hard);
+    }
+
+    #[test]
+    fn t60_piece_hashes_merge_to_the_whole_hash() {
+        let k = key();
+        let data: Vec<u8> = (0..(3usize << 20) + 777)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for len in [
+            2048usize,
+            2049,
+            4096,
+            5000,
+            1 << 20,
+            (1 << 20) + 1,
+            3 << 20,
+            data.len(),
+        ] {
+            for piece in [1024usize, 4096, 256 << 10, 1 << 20] {
+                if len <= piece {
+                    continue;
+                }
+                let cvs: Vec<_> = data[..len]
+                    .chunks(piece)
+                    .enumerate()
+                    .map(|(i, p)| k.piece_hash((i * piece) as u64, p))
+                    .collect();
+                assert_eq!(
+                    k.merge_piece_hashes(&cvs, len as u64, piece as u64)
+                        .unwrap(),
+                    k.hash(&data[..len]),
+                    "len {len} piece {piece}"
+                );
+            }
+        }
+        let cvs = [k.piece_hash(0, &data[..4096])];
+        assert!(k.merge_piece_hashes(&cvs, 4096, 4096).is_err(), "one piece");
+        let cvs: Vec<_> = (0..3)
+            .map(|i| k.piece_hash(i * 2048, &data[..2048]))
+            .collect();
+        assert!(
+            k.merge_piece_hashes(&cvs, 9000, 3000).is_err(),
+            "not a power of two"
+        );
     }
 
     #[test]
