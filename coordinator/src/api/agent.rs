@@ -13,7 +13,8 @@
 //!     | <---------------- Command(key) (resend) -- |  every open command of the host
 //!     | -- Heartbeat(seq, checks) ---------------> |  registry; commit CheckTransitions
 //!     | <--------------------- LeaseGrant(seq) --- |    only for changed checks
-//!     | -- Ack / Progress / Result --------------> |  commit Acked / publish / commit Completed
+//!     | -- Ack / Progress / Result --------------> |  commit Acked (not awaited) / publish /
+//!     |                                           |    commit Completed
 //! ```
 //!
 //! The session task owns its inbound stream; the outbound side is an mpsc channel whose
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 use crate::control::failover::LeaseDecision;
 use dr_proto::identity::{Identity, SpiffeId};
 use dr_proto::pb::{self, agent_message::Msg as AgentMsg, coordinator_message::Msg as CoordMsg};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -95,7 +96,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 .run(inbound)
                 .instrument(info_span!("agent_session", host = %host_id)),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| *m))))
     }
 }
 
@@ -203,7 +204,7 @@ impl Session {
             Err(SessionError::Refused(status)) => {
                 warn!(session = %sid, error = %status.message(), "agent session ended with an error");
                 // Best effort: the agent may already be gone.
-                self.tx.send(Err(status)).await.ok();
+                self.tx.send(Box::new(Err(status))).await.ok();
             }
         }
     }
@@ -270,7 +271,7 @@ impl Session {
             };
             match msg.msg {
                 Some(AgentMsg::Heartbeat(hb)) => self.heartbeat(hello, sid, hb).await?,
-                Some(AgentMsg::Ack(a)) => self.acked(a.key).await?,
+                Some(AgentMsg::Ack(a)) => self.acked(a.key),
                 Some(AgentMsg::Progress(p)) => self.ctx.registry.publish(CommandEvent::Progress {
                     key: p.key.clone(),
                     host_id: self.host_id.clone(),
@@ -437,21 +438,46 @@ impl Session {
         Ok(())
     }
 
-    async fn acked(&self, key: String) -> Result<(), SessionError> {
+    /// Commits the ack beside the session instead of in its loop.
+    ///
+    /// Why not awaited: the agent sends its result right behind the ack, and awaiting the
+    /// ack's commit put a whole fsynced Raft round between the two, on the path of every
+    /// command round trip (issue 2 fan-in: three sequential commits per round trip, now
+    /// two). The ack only records that the agent has the command: exactly-once rests on the
+    /// issue and result entries (the agent dedups by key, a result finishes a key once and
+    /// itself implies the ack), re-sending on reconnect covers every unfinished command,
+    /// acked or not, and an ack that commits after its result is a no-op (`Unchanged`).
+    fn acked(&self, key: String) {
         if !self.owns(&key) {
-            return Ok(());
+            return;
         }
-        let (_, resp) = self
-            .write(Command::CommandAcked { key: key.clone() })
-            .await?;
-        if resp == state::Response::Applied {
-            self.ctx.registry.publish(CommandEvent::Acked {
-                key,
-                host_id: self.host_id.clone(),
-                at_unix_ms: now_unix_ms(),
-            });
-        }
-        Ok(())
+        let ctx = self.ctx.clone();
+        let req = state::Request {
+            at_unix_ms: now_unix_ms(),
+            origin: self.peer.to_string(),
+            cmd: Command::CommandAcked { key: key.clone() },
+        };
+        let host_id = self.host_id.clone();
+        tokio::spawn(
+            async move {
+                match ctx.node.write(req).await {
+                    Ok((_, state::Response::Applied)) => {
+                        ctx.registry.publish(CommandEvent::Acked {
+                            key,
+                            host_id,
+                            at_unix_ms: now_unix_ms(),
+                        });
+                    }
+                    Ok((index, state::Response::Refused { refusal })) => {
+                        warn!(index, reason = %refusal, "state machine refused agent ack");
+                    }
+                    Ok(_) => debug!(%key, "late or repeated ack, nothing to record"),
+                    // The result (or the re-send after a reconnect) still settles the command.
+                    Err(e) => debug!(%key, error = %e, "ack not committed"),
+                }
+            }
+            .in_current_span(),
+        );
     }
 
     async fn completed(&self, mut result: pb::CommandResult) -> Result<(), SessionError> {
@@ -524,7 +550,12 @@ impl Session {
             origin: self.peer.to_string(),
             cmd,
         };
-        let (index, resp) = self.ctx.node.write(req).await.map_err(ApiError::from)?;
+        // Boxed: the write future (leader check, group commit, forwarding to another
+        // leader) is several KiB, and inline it would size every one of 10,000 idle
+        // session tasks; a write is rare (transitions only), the allocation is not.
+        let (index, resp) = Box::pin(self.ctx.node.write(req))
+            .await
+            .map_err(ApiError::from)?;
         if let state::Response::Refused { refusal } = &resp {
             warn!(what, index, reason = %refusal, "state machine refused agent report");
         }
@@ -533,20 +564,20 @@ impl Session {
 
     async fn send(&self, msg: CoordMsg) -> Result<(), SessionError> {
         self.tx
-            .send(Ok(pb::CoordinatorMessage { msg: Some(msg) }))
+            .send(Box::new(Ok(pb::CoordinatorMessage { msg: Some(msg) })))
             .await
             .map_err(|_| SessionError::Gone)
     }
 
     async fn fail(&self, status: Status) {
         // Best effort: the agent may already be gone.
-        self.tx.send(Err(status)).await.ok();
+        self.tx.send(Box::new(Err(status))).await.ok();
     }
 
     async fn redirect(&self, reason: &str) {
         let msg = redirect(&self.ctx, reason);
         debug!(reason, "redirecting agent");
-        self.tx.send(Ok(msg)).await.ok();
+        self.tx.send(Box::new(Ok(msg))).await.ok();
     }
 }
 

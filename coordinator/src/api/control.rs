@@ -432,7 +432,7 @@ impl pb::control_service_server::ControlService for ControlApi {
                             reason,
                         })),
                     };
-                    if tx.try_send(Ok(msg)).is_err() {
+                    if tx.try_send(Box::new(Ok(msg))).is_err() {
                         debug!(key = %r.key, "session busy or closed, the dispatcher will retry the cancel");
                     }
                 }

@@ -88,7 +88,7 @@ impl Dispatcher {
             return;
         };
         if tx
-            .try_send(Ok(pb::CoordinatorMessage { msg: Some(msg) }))
+            .try_send(Box::new(Ok(pb::CoordinatorMessage { msg: Some(msg) })))
             .is_err()
         {
             debug!(%host, "session full or closed, message waits for the next session");
