@@ -1206,6 +1206,47 @@ pub struct StandaloneRestore {
     pub start: bool,
 }
 
+/// For `--timeline N`: the timelines recovery along N passes through, each with the LSN where
+/// N's history leaves it (None for N itself), from `N.history` in the repository. A base
+/// backup on another timeline, or taken on an ancestor after N branched off, holds a past N
+/// never had (PostgreSQL then fails on the first segment). None: any backup (latest,
+/// current or PostgreSQL's default).
+async fn timeline_path(
+    repo: &Repository,
+    timeline: &str,
+) -> anyhow::Result<Option<Vec<(u32, Option<u64>)>>> {
+    use anyhow::Context;
+    let Ok(n) = timeline.parse::<u32>() else {
+        return Ok(None);
+    };
+    let mut path = vec![(n, None)];
+    if n > 1 {
+        let obj = wal_object_name(&format!("{n:08X}.history"))?;
+        let raw = repo
+            .get_raw(&obj)
+            .await
+            .with_context(|| format!("read {obj}"))?
+            .with_context(|| {
+                format!("timeline {n} has no history file {obj} in the repository: was it ever archived?")
+            })?;
+        let (plain, _) = repo
+            .key()
+            .open(&obj, raw, MAX_WAL_SIZE)
+            .with_context(|| format!("object {obj} is corrupt"))?;
+        // Lines: `<parent timeline> <switch LSN> <reason>`, oldest first; comments start with #.
+        for line in String::from_utf8_lossy(&plain).lines() {
+            let mut it = line.split_whitespace();
+            let (Some(tl), Some(lsn)) = (it.next(), it.next()) else {
+                continue;
+            };
+            if let (Ok(tl), Ok(lsn)) = (tl.parse::<u32>(), lsn.parse::<crate::backup::Lsn>()) {
+                path.push((tl, Some(lsn.0)));
+            }
+        }
+    }
+    Ok(Some(path))
+}
+
 /// Runs a standalone restore; returns the lines to print.
 pub async fn standalone(
     r: StandaloneRestore,
@@ -1221,8 +1262,10 @@ pub async fn standalone(
     let id = match r.backup.as_deref() {
         Some(b) if !b.is_empty() => repo.resolve(b).await?,
         _ => {
-            // The newest physical backup that ends before the target.
+            // The newest physical backup that ends before the target, and, when a timeline
+            // number is asked for, one that timeline's recovery can start from.
             let ms = repo.list_manifests().await.context("list backups")?;
+            let on_path = timeline_path(&repo, &r.timeline).await?;
             let before = |m: &crate::backup::Manifest| -> bool {
                 match &target {
                     Target::Time(_) => {
@@ -1246,6 +1289,12 @@ pub async fn standalone(
                     )
                 })
                 .filter(|m| before(m))
+                .filter(|m| {
+                    on_path.as_ref().is_none_or(|p| {
+                        p.iter()
+                            .any(|(tl, end)| *tl == m.timeline && end.is_none_or(|e| m.stop_lsn.0 <= e))
+                    })
+                })
                 .max_by_key(|m| m.finished_at)
                 .with_context(|| {
                     let oldest = ms

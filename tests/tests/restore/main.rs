@@ -5,3 +5,4 @@
 
 mod t10_pitr;
 mod t20_cancel;
+mod t30_timeline;
