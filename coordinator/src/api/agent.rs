@@ -100,6 +100,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
     }
 }
 
+/// A boxed agent-report write (see `Session::write`).
+type WriteFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<(u64, state::Response), SessionError>> + Send + 'a>>;
+
 /// Why a session ended early.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
@@ -543,30 +547,32 @@ impl Session {
         }
     }
 
-    async fn write(&self, cmd: Command) -> Result<(u64, state::Response), SessionError> {
-        let what = cmd.name();
-        let req = state::Request {
-            at_unix_ms: now_unix_ms(),
-            origin: self.peer.to_string(),
-            cmd,
-        };
-        // Boxed: the write future (leader check, group commit, forwarding to another
-        // leader) is several KiB, and inline it would size every one of 10,000 idle
-        // session tasks; a write is rare (transitions only), the allocation is not.
-        let (index, resp) = Box::pin(self.ctx.node.write(req))
-            .await
-            .map_err(ApiError::from)?;
-        if let state::Response::Refused { refusal } = &resp {
-            warn!(what, index, reason = %refusal, "state machine refused agent report");
-        }
-        Ok((index, resp))
+    /// Commits an agent report. Returns a boxed future on purpose: every await point of
+    /// the session holds its future inline, so a write (the command it carries, the leader
+    /// check, group commit, forwarding to another leader: a few KiB) would size each of
+    /// 10,000 mostly idle session tasks (issue 2 fan-in, RSS); writes are rare (transitions
+    /// only), so the allocation is cheap.
+    fn write(&self, cmd: Command) -> WriteFuture<'_> {
+        Box::pin(async move {
+            let what = cmd.name();
+            let req = state::Request {
+                at_unix_ms: now_unix_ms(),
+                origin: self.peer.to_string(),
+                cmd,
+            };
+            let (index, resp) = self.ctx.node.write(req).await.map_err(ApiError::from)?;
+            if let state::Response::Refused { refusal } = &resp {
+                warn!(what, index, reason = %refusal, "state machine refused agent report");
+            }
+            Ok((index, resp))
+        })
     }
 
-    async fn send(&self, msg: CoordMsg) -> Result<(), SessionError> {
-        self.tx
-            .send(Box::new(Ok(pb::CoordinatorMessage { msg: Some(msg) })))
-            .await
-            .map_err(|_| SessionError::Gone)
+    /// Queues a message to the agent. Boxed before the await (not an `async fn`, whose
+    /// argument would be stored inline in every session's future).
+    fn send(&self, msg: CoordMsg) -> impl Future<Output = Result<(), SessionError>> + '_ {
+        let item = Box::new(Ok(pb::CoordinatorMessage { msg: Some(msg) }));
+        async move { self.tx.send(item).await.map_err(|_| SessionError::Gone) }
     }
 
     async fn fail(&self, status: Status) {
