@@ -36,8 +36,12 @@ use std::path::Path;
 use blake3::hazmat::{
     ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
 };
+use chacha20::XChaCha20;
+use chacha20::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+use poly1305::Poly1305;
+use poly1305::universal_hash::UniversalHash;
 use serde::{Deserialize, Serialize};
 
 use super::{BackupError, BackupResult};
@@ -46,7 +50,7 @@ const MAGIC: &[u8; 4] = b"YDR1";
 const FLAG_ZSTD: u8 = 1;
 /// Bytes before the ciphertext.
 pub const HEADER_LEN: usize = 4 + 1 + 32 + 24;
-const TAG_LEN: usize = 16;
+pub const TAG_LEN: usize = 16;
 /// Below this size a sealed payload is compressed on the calling thread only.
 const PARALLEL_MIN: usize = 4 << 20;
 /// A chunk that zstd 1 shrinks more than this many times stays at level 1 (see module docs).
@@ -104,6 +108,7 @@ impl ChunkId {
 #[derive(Clone)]
 pub struct RepoKey {
     id_key: [u8; 32],
+    enc_key: [u8; 32],
     cipher: XChaCha20Poly1305,
     check: [u8; 32],
 }
@@ -121,6 +126,7 @@ impl RepoKey {
         let check = blake3::derive_key("yeslocker-dr repository v1 key check", master);
         RepoKey {
             id_key,
+            enc_key,
             cipher: XChaCha20Poly1305::new((&enc_key).into()),
             check,
         }
@@ -230,8 +236,18 @@ impl RepoKey {
     ) -> BackupResult<Vec<u8>> {
         match self.seal_compressed(name, plain.len(), hash, pieces)? {
             Some(sealed) => Ok(sealed),
-            None => self.seal_parts(name, 0, hash, &[plain]),
+            None => self.seal_plain(name, plain, hash),
         }
+    }
+
+    /// Seal `plain` uncompressed (what readers expect when compression does not shrink it).
+    pub(crate) fn seal_plain(
+        &self,
+        name: &str,
+        plain: &[u8],
+        hash: ChunkId,
+    ) -> BackupResult<Vec<u8>> {
+        self.seal_parts(name, 0, hash, &[plain])
     }
 
     /// Seal the zstd frames `pieces` (which decode, concatenated, to a plaintext of `plain_len`
@@ -336,6 +352,26 @@ impl RepoKey {
         Ok(ChunkId(
             *merge_subtrees_root(&a, &b, Mode::KeyedHash(&self.id_key)).as_bytes(),
         ))
+    }
+
+    /// Start sealing a compressed object whose zstd frames arrive one by one, in order
+    /// ([`StreamSeal`]): wal-push encrypts and writes each frame while later ones are still
+    /// being compressed.
+    pub(crate) fn seal_stream(&self) -> StreamSeal {
+        let nonce: [u8; 24] = rand::random();
+        let mut cipher = XChaCha20::new((&self.enc_key).into(), (&nonce).into());
+        // As chacha20poly1305 does: the Poly1305 key is the start of keystream block 0, the
+        // message is encrypted from block 1 on.
+        let mut mac_key = [0u8; 32];
+        cipher.apply_keystream(&mut mac_key);
+        let mac = Poly1305::new((&mac_key).into());
+        cipher.seek(64u64);
+        StreamSeal {
+            cipher,
+            mac,
+            nonce,
+            len: 0,
+        }
     }
 
     /// The plaintext hash recorded in a sealed object's header (not authenticated until
@@ -487,6 +523,81 @@ impl RepoKey {
             )));
         }
         Ok(hash)
+    }
+}
+
+/// A sealed object built piece by piece: exactly the bytes [`RepoKey::seal_compressed`] makes
+/// of the same frames (XChaCha20-Poly1305 is a stream cipher plus a MAC over
+/// `aad ‖ pad ‖ ciphertext ‖ pad ‖ lengths`; the MAC needs the aad, which holds the plaintext
+/// hash, so it runs once that is known, over the ciphertext kept in memory).
+pub(crate) struct StreamSeal {
+    cipher: XChaCha20,
+    mac: Poly1305,
+    nonce: [u8; 24],
+    len: u64,
+}
+
+impl StreamSeal {
+    /// Encrypt the next frame in place.
+    pub(crate) fn encrypt(&mut self, frame: &mut [u8]) {
+        self.cipher.apply_keystream(frame);
+        self.len += frame.len() as u64;
+    }
+
+    /// Bytes encrypted so far (the ciphertext offset of the next frame).
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// The header (before the ciphertext) and the tag (after it), given the object name, the
+    /// plaintext hash and every encrypted frame in order.
+    pub(crate) fn finish(
+        mut self,
+        name: &str,
+        hash: ChunkId,
+        frames: &[Vec<u8>],
+    ) -> BackupResult<([u8; HEADER_LEN], [u8; TAG_LEN])> {
+        let total: u64 = frames.iter().map(|f| f.len() as u64).sum();
+        if total != self.len {
+            return Err(BackupError::Invalid(format!(
+                "sealing {name}: {total} bytes of frames where {} were encrypted",
+                self.len
+            )));
+        }
+        let aad = aad(name, &hash);
+        self.mac.update_padded(&aad);
+        // The ciphertext as one stream of 16-byte blocks across the frame boundaries.
+        let mut carry = [0u8; 16];
+        let mut held = 0;
+        for f in frames {
+            let mut f = f.as_slice();
+            if held > 0 {
+                let take = (16 - held).min(f.len());
+                carry[held..held + take].copy_from_slice(&f[..take]);
+                held += take;
+                f = &f[take..];
+                if held < 16 {
+                    continue;
+                }
+                self.mac.update_padded(&carry);
+            }
+            let whole = f.len() / 16 * 16;
+            self.mac.update_padded(&f[..whole]);
+            carry[..f.len() - whole].copy_from_slice(&f[whole..]);
+            held = f.len() - whole;
+        }
+        self.mac.update_padded(&carry[..held]);
+        let mut lengths = [0u8; 16];
+        lengths[..8].copy_from_slice(&(aad.len() as u64).to_le_bytes());
+        lengths[8..].copy_from_slice(&self.len.to_le_bytes());
+        self.mac.update_padded(&lengths);
+        let tag: [u8; TAG_LEN] = self.mac.finalize().into();
+        let mut header = [0u8; HEADER_LEN];
+        header[..4].copy_from_slice(MAGIC);
+        header[4] = FLAG_ZSTD;
+        header[5..37].copy_from_slice(&hash.0);
+        header[37..].copy_from_slice(&self.nonce);
+        Ok((header, tag))
     }
 }
 
@@ -679,6 +790,68 @@ mod tests {
             k.merge_piece_hashes(&cvs, 9000, 3000).is_err(),
             "not a power of two"
         );
+    }
+
+    #[test]
+    fn t70_stream_seal_equals_seal_compressed() {
+        let k = key();
+        let plain: Vec<u8> = (0..(1usize << 20) + 333)
+            .map(|i| if i % 5 == 0 { (i >> 7) as u8 } else { 1 })
+            .collect();
+        let hash = k.hash(&plain);
+        // Frame sizes around the 16-byte MAC blocks: empty, short, odd, exact multiples.
+        for piece in [1usize, 7, 16, 17, 4096, 100_000, 256 << 10] {
+            let frames: Vec<Vec<u8>> = plain
+                .chunks(piece.max(1))
+                .take(40)
+                .map(|p| zstd::bulk::compress(p, 1).unwrap())
+                .collect();
+            let plain_len: usize = plain.chunks(piece).take(40).map(<[u8]>::len).sum();
+            let hash = if plain_len == plain.len() {
+                hash
+            } else {
+                k.hash(&plain[..plain_len])
+            };
+            let mut s = k.seal_stream();
+            let mut enc = frames.clone();
+            for f in &mut enc {
+                s.encrypt(f);
+            }
+            assert_eq!(s.len(), frames.iter().map(|f| f.len() as u64).sum::<u64>());
+            let nonce = s.nonce;
+            let (header, tag) = s.finish("wal/00000001/x", hash, &enc).unwrap();
+            let mut obj = header.to_vec();
+            for f in &enc {
+                obj.extend_from_slice(f);
+            }
+            obj.extend_from_slice(&tag);
+            // The reference: chacha20poly1305 over the concatenated frames, same nonce.
+            let mut body: Vec<u8> = frames.concat();
+            let aad = aad("wal/00000001/x", &hash);
+            let reference = k
+                .cipher
+                .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, &mut body)
+                .unwrap();
+            assert_eq!(
+                &obj[HEADER_LEN..obj.len() - TAG_LEN],
+                &body[..],
+                "piece {piece}"
+            );
+            assert_eq!(&obj[obj.len() - TAG_LEN..], &reference[..], "piece {piece}");
+            if frames.iter().map(Vec::len).sum::<usize>() < plain_len {
+                let (p, h) = k.open("wal/00000001/x", obj.clone(), 2 << 20).unwrap();
+                assert!(p == plain[..plain_len] && h == hash, "piece {piece}");
+            }
+            assert!(
+                k.open("wal/00000001/y", obj, 2 << 20).is_err(),
+                "bound to its name"
+            );
+        }
+        // Frames that do not add up to what was encrypted: refused.
+        let mut s = k.seal_stream();
+        let mut f = vec![1u8, 2, 3];
+        s.encrypt(&mut f);
+        assert!(s.finish("wal/00000001/x", hash, &[]).is_err());
     }
 
     #[test]

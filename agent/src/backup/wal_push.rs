@@ -16,11 +16,14 @@
 //! each with one reused buffer: a piece is read, hashed (a BLAKE3 subtree; the pieces' hashes
 //! combine into the hash of the whole) and compressed into its own zstd frame while it is in
 //! the core's cache. Reading the whole segment into one fresh buffer cost as much CPU in page
-//! faults, zeroing and unmapping as zstd did. Then one in-place encryption, one write +
-//! fdatasync of a temp file under `.tmp/`, a hard link to the real name (which, unlike a
-//! rename, never replaces an object another pusher stored meanwhile) and an fsync of the
-//! directory: exit 0 means the object and its name are on disk. The object is the same as
-//! before (concatenated zstd frames are one zstd stream; format version 1 unchanged). Remote
+//! faults, zeroing and unmapping as zstd did. The calling thread encrypts each frame
+//! (XChaCha20, in file order) and writes it into a temp file under `.tmp/` while later frames
+//! are still being compressed; once all are in, the Poly1305 tag (its associated data holds
+//! the plaintext hash, known only at the end) and the header are written, then fdatasync, a
+//! hard link to the real name (which, unlike a rename, never replaces an object another pusher
+//! stored meanwhile) and an fsync of the directory: exit 0 means the object and its name are
+//! on disk. The object is byte for byte what [`RepoKey::seal`] makes of the same frames
+//! (concatenated zstd frames are one zstd stream; format version 1 unchanged). Remote
 //! locations go through opendal ([`wal_push`]).
 //!
 //! Read-ahead (`--push-ahead N`, optional, like pgBackRest's asynchronous archiving): after
@@ -32,7 +35,6 @@
 //! the file again; a different file is still refused). The repository format is unchanged;
 //! the records are local and only ever shortcut a check, never a store.
 
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -176,19 +178,59 @@ fn push_fs_hashed(cfg: &RepoConfig, path: &Path) -> BackupResult<(PushOutcome, C
         )));
     }
     if dest.exists() {
-        let (hash, _) = scan(&key, &file, path, len as usize, None)?;
+        let (hash, _) = scan(&key, &file, path, len as usize, None, |_| Ok(()))?;
         return Ok((
             compare_archived(&key, &name, &file_name, &dest, hash)?,
             hash,
         ));
     }
     let level = cfg.wal_compression_level;
-    let (hash, frames) = scan(&key, &file, path, len as usize, Some(level))?;
-    let sealed = match key.seal_compressed(&name, len as usize, hash, &frames)? {
-        Some(sealed) => sealed,
-        // Incompressible (rare for WAL): objects then hold the plaintext itself.
-        None => {
-            let plain = read_all(&file, path, len as usize)?;
+    let (linked, hash) =
+        store_streamed(&key, &root, &dest, &name, &file, path, len as usize, level)?;
+    if linked {
+        return Ok((PushOutcome::Stored, hash));
+    }
+    // Another pusher stored that name between our check and our link.
+    Ok((
+        compare_archived(&key, &name, &file_name, &dest, hash)?,
+        hash,
+    ))
+}
+
+/// Compress, encrypt and write the file into a temp object frame by frame (each frame is
+/// encrypted and written while the workers compress the next ones), then make it durable and
+/// link it to `dest` unless that name exists. Returns whether it was linked, and the hash.
+#[allow(clippy::too_many_arguments)]
+fn store_streamed(
+    key: &RepoKey,
+    root: &Path,
+    dest: &Path,
+    name: &str,
+    file: &std::fs::File,
+    path: &Path,
+    len: usize,
+    level: i32,
+) -> BackupResult<(bool, ChunkId)> {
+    let file_name = file_name_of(path)?;
+    let (tmp, out) = create_tmp(root, dest, &file_name)?;
+    let written = (|| {
+        let mut seal = key.seal_stream();
+        let write_err = |e| BackupError::io(format!("write {}", tmp.display()), e);
+        let (hash, frames) = scan(key, file, path, len, Some(level), |frame| {
+            let at = (HEADER_LEN as u64) + seal.len();
+            seal.encrypt(frame);
+            out.write_all_at(frame, at).map_err(write_err)
+        })?;
+        let body = seal.len();
+        if body < len as u64 {
+            let (header, tag) = seal.finish(name, hash, &frames)?;
+            out.write_all_at(&header, 0).map_err(write_err)?;
+            out.write_all_at(&tag, HEADER_LEN as u64 + body)
+                .map_err(write_err)?;
+        } else {
+            // Incompressible (rare for WAL): the object holds the plaintext itself.
+            drop(frames);
+            let plain = read_all(file, path, len)?;
             if key.hash(&plain) != hash {
                 return Err(BackupError::Invalid(format!(
                     "{} changed while it was archived; PostgreSQL never rewrites a segment \
@@ -196,22 +238,24 @@ fn push_fs_hashed(cfg: &RepoConfig, path: &Path) -> BackupResult<(PushOutcome, C
                     path.display()
                 )));
             }
-            key.seal_pieces(&name, &plain, hash, &frames)?
+            let sealed = key.seal_plain(name, &plain, hash)?;
+            out.set_len(0).map_err(write_err)?;
+            out.write_all_at(&sealed, 0).map_err(write_err)?;
+        }
+        out.sync_data().map_err(write_err)?;
+        Ok(hash)
+    })();
+    drop(out);
+    let hash = match written {
+        Ok(h) => h,
+        Err(e) => {
+            let _ignored = std::fs::remove_file(&tmp);
+            return Err(e);
         }
     };
-    drop(frames);
-    let stored = sealed.len();
-    match store_no_replace(&root, &dest, &file_name, &sealed)? {
-        true => {
-            debug!(wal = %file_name, stored, "archived");
-            Ok((PushOutcome::Stored, hash))
-        }
-        // Another pusher stored that name between our check and our link.
-        false => Ok((
-            compare_archived(&key, &name, &file_name, &dest, hash)?,
-            hash,
-        )),
-    }
+    let linked = publish(&tmp, dest)?;
+    debug!(wal = %file_name, linked, "archived");
+    Ok((linked, hash))
 }
 
 /// Environment variable that turns a `wal-push` process into the read-ahead pusher.
@@ -284,7 +328,7 @@ fn pushed_ahead(cfg: &RepoConfig, spool: &Path, path: &Path) -> BackupResult<Opt
     let hash = if identity(&meta) == recorded_identity {
         recorded
     } else {
-        scan(&key, &file, path, len as usize, None)?.0
+        scan(&key, &file, path, len as usize, None, |_| Ok(()))?.0
     };
     if hash != recorded {
         return Ok(None);
@@ -438,56 +482,57 @@ fn read_all(file: &std::fs::File, path: &Path, len: usize) -> BackupResult<Vec<u
 const PIECE: usize = 256 << 10;
 
 /// Hash `len` bytes of `file` and, with `level`, compress them into zstd frames of [`PIECE`]
-/// bytes of plaintext each, in order (their concatenation is one valid zstd stream). Workers
-/// (this thread and up to three more) take pieces in turn and read each into their own reused
-/// buffer, so the file is read once, never into one fresh 16 MiB allocation (its page faults
-/// and zeroing cost as much CPU as the compression did), and the pieces' hashes combine into
-/// the hash of the whole ([`RepoKey::merge_piece_hashes`]).
+/// bytes of plaintext each (their concatenation is one valid zstd stream), handing each frame
+/// to `sink` in file order as soon as it and those before it are ready; returns the hash and
+/// the frames as `sink` left them. Workers (two, up to four on bigger machines) take pieces in
+/// turn and read each into their own reused buffer, so the file is read once and never into
+/// one fresh 16 MiB allocation (its page faults, zeroing and unmapping cost as much CPU as
+/// zstd did); the pieces' hashes combine into the hash of the whole
+/// ([`RepoKey::merge_piece_hashes`]).
 fn scan(
     key: &RepoKey,
     file: &std::fs::File,
     path: &Path,
     len: usize,
     level: Option<i32>,
+    mut sink: impl FnMut(&mut [u8]) -> BackupResult<()>,
 ) -> BackupResult<(ChunkId, Vec<Vec<u8>>)> {
+    let frame = |part: &[u8]| match level {
+        Some(l) => compress(part, l),
+        None => Ok(Vec::new()),
+    };
     if len <= PIECE {
         let plain = read_all(file, path, len)?;
-        let frames = match level {
-            Some(l) => vec![compress(&plain, l)?],
-            None => Vec::new(),
-        };
-        return Ok((key.hash(&plain), frames));
+        let mut f = frame(&plain)?;
+        sink(&mut f)?;
+        return Ok((key.hash(&plain), vec![f]));
     }
     let n = len.div_ceil(PIECE);
     let workers = std::thread::available_parallelism()
         .map_or(2, usize::from)
-        .clamp(1, 4)
+        .clamp(2, 4)
         .min(n);
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
-    let work = || -> BackupResult<Vec<(usize, ChainingValue, Vec<u8>)>> {
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, ChainingValue, Vec<u8>)>();
+    let work = |tx: std::sync::mpsc::Sender<(usize, ChainingValue, Vec<u8>)>| -> BackupResult<()> {
         let mut buf = vec![0u8; PIECE];
-        let mut done = Vec::with_capacity(n.div_ceil(workers) + 1);
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
             if i >= n || failed.load(Ordering::Relaxed) {
-                return Ok(done);
+                return Ok(());
             }
             let off = i * PIECE;
             let part = &mut buf[..PIECE.min(len - off)];
             let r = file
                 .read_exact_at(part, off as u64)
                 .map_err(|e| BackupError::io(format!("read {}", path.display()), e))
-                .and_then(|()| {
-                    let cv = key.piece_hash(off as u64, part);
-                    let frame = match level {
-                        Some(l) => compress(part, l)?,
-                        None => Vec::new(),
-                    };
-                    Ok((i, cv, frame))
-                });
+                .and_then(|()| Ok((i, key.piece_hash(off as u64, part), frame(part)?)));
             match r {
-                Ok(d) => done.push(d),
+                // The receiver is gone only after an error there, which it reports.
+                Ok(d) => {
+                    let _ignored = tx.send(d);
+                }
                 Err(e) => {
                     failed.store(true, Ordering::Relaxed);
                     return Err(e);
@@ -495,21 +540,54 @@ fn scan(
             }
         }
     };
-    let mut done = std::thread::scope(|s| {
-        let handles: Vec<_> = (1..workers).map(|_| s.spawn(work)).collect();
-        let mut done = work()?;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                let tx = tx.clone();
+                s.spawn(move || work(tx))
+            })
+            .collect();
+        drop(tx);
+        let mut cvs = vec![None; n];
+        let mut frames: Vec<Option<Vec<u8>>> = vec![None; n];
+        let mut sent = 0;
+        let mut sunk = Ok(());
+        for (i, cv, f) in rx.iter() {
+            cvs[i] = Some(cv);
+            frames[i] = Some(f);
+            while sunk.is_ok() && sent < n {
+                match frames[sent].as_mut() {
+                    Some(f) => sunk = sink(f),
+                    None => break,
+                }
+                sent += 1;
+            }
+            if sunk.is_err() {
+                failed.store(true, Ordering::Relaxed);
+                break;
+            }
+        }
+        drop(rx);
         for h in handles {
             match h.join() {
-                Ok(r) => done.extend(r?),
+                Ok(r) => r?,
                 Err(_) => return Err(BackupError::Invalid("wal-push worker panicked".into())),
             }
         }
-        Ok(done)
-    })?;
-    done.sort_unstable_by_key(|d| d.0);
-    let cvs: Vec<ChainingValue> = done.iter().map(|d| d.1).collect();
-    let hash = key.merge_piece_hashes(&cvs, len as u64, PIECE as u64)?;
-    Ok((hash, done.into_iter().map(|d| d.2).collect()))
+        sunk?;
+        let cvs: Option<Vec<ChainingValue>> = cvs.into_iter().collect();
+        let frames: Option<Vec<Vec<u8>>> = frames.into_iter().collect();
+        match (cvs, frames) {
+            (Some(cvs), Some(frames)) if sent == n => {
+                let hash = key.merge_piece_hashes(&cvs, len as u64, PIECE as u64)?;
+                Ok((hash, frames))
+            }
+            _ => Err(BackupError::Invalid(format!(
+                "{}: a piece was never read",
+                path.display()
+            ))),
+        }
+    })
 }
 
 /// The name exists: the same content is success (after the archived copy opens and matches),
@@ -538,13 +616,9 @@ fn compare_archived(
     Ok(PushOutcome::AlreadyArchived)
 }
 
-/// Durably store `sealed` under `dest` unless the name exists (false then; nothing replaced).
-fn store_no_replace(
-    root: &Path,
-    dest: &Path,
-    file_name: &str,
-    sealed: &[u8],
-) -> BackupResult<bool> {
+/// A new temp file under `<root>/.tmp/` for the object `dest` (creating and fsyncing the
+/// directories the object needs first).
+fn create_tmp(root: &Path, dest: &Path, file_name: &str) -> BackupResult<(PathBuf, std::fs::File)> {
     let tmp_dir = root.join(".tmp");
     let dir = dest
         .parent()
@@ -563,19 +637,21 @@ fn store_no_replace(
         std::process::id(),
         rand::random::<u32>()
     ));
-    let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        f.write_all(sealed)?;
-        f.sync_data()
-    })();
-    if let Err(e) = written {
-        let _ignored = std::fs::remove_file(&tmp);
-        return Err(BackupError::io(format!("write {}", tmp.display()), e));
-    }
-    let linked = match std::fs::hard_link(&tmp, dest) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| BackupError::io(format!("create {}", tmp.display()), e))?;
+    Ok((tmp, f))
+}
+
+/// Link the durable temp object `tmp` to `dest` unless that name exists (false then; nothing
+/// replaced), remove the temp name and fsync `dest`'s directory.
+fn publish(tmp: &Path, dest: &Path) -> BackupResult<bool> {
+    let dir = dest
+        .parent()
+        .ok_or_else(|| BackupError::Invalid(format!("{} has no parent", dest.display())))?;
+    let linked = match std::fs::hard_link(tmp, dest) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
         // A filesystem without hard links: rename, after one more look (a race there can
@@ -589,14 +665,14 @@ fn store_no_replace(
             if dest.exists() {
                 Ok(false)
             } else {
-                std::fs::rename(&tmp, dest)
+                std::fs::rename(tmp, dest)
                     .map(|()| true)
                     .map_err(|e| BackupError::io(format!("rename to {}", dest.display()), e))
             }
         }
         Err(e) => Err(BackupError::io(format!("link {}", dest.display()), e)),
     };
-    let _ignored = std::fs::remove_file(&tmp);
+    let _ignored = std::fs::remove_file(tmp);
     let linked = linked?;
     if linked {
         sync_dir(dir)?;
@@ -625,13 +701,16 @@ mod tests {
             let path = dir.path().join(format!("f{len}"));
             std::fs::write(&path, &data).unwrap();
             let file = std::fs::File::open(&path).unwrap();
-            let (hash, frames) = scan(&key, &file, &path, len, Some(1)).unwrap();
+            let (hash, frames) = scan(&key, &file, &path, len, Some(1), |_| Ok(())).unwrap();
             assert_eq!(hash, key.hash(&data), "len {len}");
             assert_eq!(frames.len(), len.div_ceil(PIECE).max(1));
             let stream: Vec<u8> = frames.concat();
             let decoded = zstd::bulk::decompress(&stream, len.max(1)).unwrap();
             assert!(decoded == data, "len {len}");
-            assert_eq!(scan(&key, &file, &path, len, None).unwrap().0, hash);
+            assert_eq!(
+                scan(&key, &file, &path, len, None, |_| Ok(())).unwrap().0,
+                hash
+            );
             // The sealed object opens to the file (what wal-fetch and verify read).
             if let Some(sealed) = key
                 .seal_compressed("wal/00000001/x", len, hash, &frames)
@@ -645,7 +724,7 @@ mod tests {
         let path = dir.path().join("short");
         std::fs::write(&path, vec![1u8; PIECE + 10]).unwrap();
         let file = std::fs::File::open(&path).unwrap();
-        assert!(scan(&key, &file, &path, 2 * PIECE, Some(1)).is_err());
+        assert!(scan(&key, &file, &path, 2 * PIECE, Some(1), |_| Ok(())).is_err());
     }
 
     #[test]
@@ -660,5 +739,42 @@ mod tests {
         assert!(wal_object_name("../etc/passwd").is_err());
         assert!(wal_object_name("00000001000000000000000g").is_err());
         assert!(wal_object_name("RECOVERYXLOG").is_err());
+    }
+
+    #[test]
+    fn t30_streamed_objects_open_and_never_replace() {
+        let key = RepoKey::from_master(&[9u8; 32]);
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        std::fs::create_dir_all(&root).unwrap();
+        let wal: Vec<u8> = (0..(16usize << 20))
+            .map(|i| if i % 4 == 0 { (i >> 11) as u8 } else { 0 })
+            .collect();
+        let noise: Vec<u8> = (0..(PIECE * 2 + 100))
+            .map(|_| rand::random::<u8>())
+            .collect();
+        for (seg, data) in [
+            ("000000010000000000000001", &wal),
+            ("000000010000000000000002", &noise),
+        ] {
+            let path = dir.path().join(seg);
+            std::fs::write(&path, data).unwrap();
+            let name = wal_object_name(seg).unwrap();
+            let dest = root.join(&name);
+            let file = std::fs::File::open(&path).unwrap();
+            let (linked, hash) =
+                store_streamed(&key, &root, &dest, &name, &file, &path, data.len(), 1).unwrap();
+            assert!(linked);
+            let raw = std::fs::read(&dest).unwrap();
+            assert_eq!(raw[4], u8::from(seg.ends_with('1')), "zstd flag");
+            let (plain, h) = key.open(&name, raw.clone(), 32 << 20).unwrap();
+            assert!(plain == *data && h == hash);
+            // The name exists now: nothing is replaced, the temp file is gone.
+            let (linked, _) =
+                store_streamed(&key, &root, &dest, &name, &file, &path, data.len(), 1).unwrap();
+            assert!(!linked);
+            assert!(std::fs::read(&dest).unwrap() == raw);
+            assert_eq!(std::fs::read_dir(root.join(".tmp")).unwrap().count(), 0);
+        }
     }
 }
