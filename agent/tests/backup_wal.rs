@@ -92,7 +92,7 @@ fn t10_push_repeat_conflict_fetch_prefetch() {
         "archived segment must not change"
     );
 
-    // Fetch: the original content; the next two are prefetched into the spool.
+    // Fetch: the original content; the background prefetcher it started spools the next two.
     let dest = root.join("RECOVERYXLOG");
     let out = agent(&["wal-fetch", names[0], dest.to_str().unwrap()], &cfg);
     assert!(
@@ -101,7 +101,16 @@ fn t10_push_repeat_conflict_fetch_prefetch() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(std::fs::read(&dest).unwrap() == segment(3));
-    assert!(spool.join(names[1]).exists() && spool.join(names[2]).exists());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !(spool.join(names[1]).exists() && spool.join(names[2]).exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the prefetcher did not spool {} and {} within 60 s",
+            names[1],
+            names[2]
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let out = agent(&["wal-fetch", names[1], dest.to_str().unwrap()], &cfg);
     assert!(out.status.success());
     assert!(std::fs::read(&dest).unwrap() == segment(4));

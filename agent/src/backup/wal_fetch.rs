@@ -7,14 +7,21 @@
 //! Prefetch (why: replay asks for segments one at a time, one process each, and waits for
 //! every answer; a storage round trip per segment would stall replay). When a spool directory
 //! is configured, every call makes sure a *background* prefetcher is filling the spool with
-//! the next `wal_prefetch` segments (verified, temp name + rename, so a half-written spool file
-//! is never used), and returns at once: a hit is a rename; a miss (replay start, or replay
-//! overtook the prefetcher) fetches the requested segment and the window together.
+//! the next `wal_prefetch` segments (verified, temp name + `fdatasync` + rename, so a
+//! half-written spool file is never used and PostgreSQL's own fsync of it finds nothing left
+//! to write), and returns at once: a hit is a rename; a call whose segment the prefetcher is
+//! writing waits for it; a miss (replay start, or replay overtook the prefetcher) starts the
+//! prefetcher and fetches only the requested segment.
+//!
+//! CPU is the constraint (measured on 2 cores): preparing a segment (decrypt, decompress,
+//! hash, 16 MiB into the page cache) costs about as much CPU as replaying it, so the
+//! prefetcher runs niced, at most [`PREFETCH_PARALLEL`] segments at once, and never fetches a
+//! segment twice when it can be waited for.
 //!
 //! The prefetcher is this same program started detached with `DR_WAL_PREFETCH=1` (one at a
 //! time: `flock` on `<spool>/.prefetch.lock`). Every wal-fetch writes the segment replay asked
 //! for to `<spool>/.position`; the prefetcher keeps the `wal_prefetch` segments after it
-//! spooled, `concurrency` at a time, and exits at the end of the archive or after 5 s without
+//! spooled, a few at a time, and exits at the end of the archive or after 5 s without
 //! progress, so it never outlives a recovery by more than that, and the spool never holds more
 //! than the window (bounded cache). Spool files older than the requested one are removed.
 //! Next-segment names assume 16 MiB segments; another size only costs misses. Spooled content
@@ -38,6 +45,18 @@ const POSITION_FILE: &str = ".position";
 /// The prefetcher exits after this long without replay progress.
 const IDLE_EXIT: std::time::Duration = std::time::Duration::from_secs(5);
 const POLL: std::time::Duration = std::time::Duration::from_millis(20);
+/// How long a wal-fetch waits for a segment the prefetcher is writing before fetching it
+/// itself, and how often it looks.
+const IN_PROGRESS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const IN_PROGRESS_POLL: std::time::Duration = std::time::Duration::from_millis(2);
+/// Segments the background prefetcher fetches at once, at most: each one is decrypt +
+/// decompress + hash + 16 MiB written, about as much CPU as replaying it, and replay itself
+/// needs a core; more in parallel only takes that core from PostgreSQL's startup process.
+const PREFETCH_PARALLEL: usize = 2;
+/// The prefetcher runs at this niceness (through `nice`, when installed): when it and
+/// PostgreSQL's startup process want the same core, replay goes first.
+const PREFETCH_NICE: &str = "10";
+const NICE: &str = "/usr/bin/nice";
 
 /// Fetch one WAL file into `dest`. Returns false when the archive has no such file.
 pub async fn wal_fetch(repo: &Repository, file_name: &str, dest: &Path) -> BackupResult<bool> {
@@ -74,20 +93,17 @@ pub async fn wal_fetch(repo: &Repository, file_name: &str, dest: &Path) -> Backu
             kick_prefetcher(spool, &window);
             return Ok(true);
         }
-        // A miss (replay start, or replay overtook the prefetcher): the requested segment and
-        // the window together, so the next calls are hits whatever the prefetcher does.
-        let (found, prefetched) = tokio::join!(
-            fetch_to(repo, &name, dest),
-            prefetch_into(repo, spool, &window)
-        );
-        if let Err(e) = prefetched {
-            warn!(error = %e, "wal prefetch failed; replay continues without it");
-        }
-        clean_spool(spool, file_name).await;
+        // A miss (replay start, or replay overtook the prefetcher): the background prefetcher
+        // starts on the window first, so it works on another core while this call fetches
+        // only the segment replay waits for (fetching the window here too made the first
+        // call of a recovery wait for wal_prefetch + 1 segments).
+        debug!(wal = file_name, "not in the prefetch spool: fetching it");
         kick_prefetcher(spool, &window);
+        let found = fetch_to(repo, &name, dest, false).await;
+        clean_spool(spool, file_name).await;
         return found;
     }
-    fetch_to(repo, &name, dest).await
+    fetch_to(repo, &name, dest, false).await
 }
 
 /// The spool hit, before any runtime or repository is opened (the spool holds only verified
@@ -103,17 +119,41 @@ pub fn wal_fetch_spooled(cfg: &RepoConfig, file_name: &str, dest: &Path) -> Back
     }
     wal_object_name(file_name)?;
     let spooled = spool.join(file_name);
-    match std::fs::rename(&spooled, dest) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        // Another filesystem (EXDEV): the async path copies.
-        Err(_) => return Ok(false),
+    let deadline = std::time::Instant::now() + IN_PROGRESS_WAIT;
+    loop {
+        match std::fs::rename(&spooled, dest) {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // The prefetcher may be writing this very segment: waiting for its rename
+                // costs less than fetching the segment a second time, on the same cores.
+                if std::time::Instant::now() < deadline && being_prefetched(spool, file_name) {
+                    std::thread::sleep(IN_PROGRESS_POLL);
+                    continue;
+                }
+                return Ok(false);
+            }
+            // Another filesystem (EXDEV): the async path copies.
+            Err(_) => return Ok(false),
+        }
     }
     record_position(spool, file_name);
     let window = next_segments(file_name, cfg.wal_prefetch).unwrap_or_default();
     kick_prefetcher(spool, &window);
     debug!(wal = file_name, "served from the prefetch spool");
     Ok(true)
+}
+
+/// Whether a running prefetcher is writing `file_name` now: its temp file exists and the
+/// prefetch lock is held (a temp file left by a killed prefetcher does not count).
+fn being_prefetched(spool: &Path, file_name: &str) -> bool {
+    let writing = std::fs::read_dir(spool).is_ok_and(|rd| {
+        rd.flatten().any(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with(file_name) && n.ends_with(".tmp")
+        })
+    });
+    writing && matches!(try_lock(spool), Ok(None))
 }
 
 /// Tell the prefetcher where replay is (temp file + rename: it never reads half a name).
@@ -154,8 +194,14 @@ fn kick_prefetcher(spool: &Path, window: &[String]) {
     };
     let spawn = {
         use std::os::unix::process::CommandExt;
-        std::process::Command::new(exe)
-            .args(std::env::args_os().skip(1))
+        let mut c = if Path::new(NICE).is_file() {
+            let mut c = std::process::Command::new(NICE);
+            c.args(["-n", PREFETCH_NICE]).arg(exe);
+            c
+        } else {
+            std::process::Command::new(exe)
+        };
+        c.args(std::env::args_os().skip(1))
             .env(PREFETCH_ENV, "1")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -241,7 +287,10 @@ async fn prefetch_window(repo: &Repository, spool: &Path, current: &str, window:
     drop(lock);
 }
 
-async fn fetch_to(repo: &Repository, name: &str, dest: &Path) -> BackupResult<bool> {
+/// Fetch, verify and write one object to `dest`. `durable`: `fdatasync` before returning
+/// (spool files, see [`prefetch_into`]; a file for PostgreSQL's `%p` is synced by
+/// PostgreSQL itself).
+async fn fetch_to(repo: &Repository, name: &str, dest: &Path, durable: bool) -> BackupResult<bool> {
     let Some(raw) = repo.get_raw(name).await? else {
         return Ok(false);
     };
@@ -249,15 +298,27 @@ async fn fetch_to(repo: &Repository, name: &str, dest: &Path) -> BackupResult<bo
     let n = name.to_string();
     let dest = dest.to_path_buf();
     blocking(move || {
+        use std::io::Write as _;
         let (plain, _) = key.open(&n, raw, MAX_WAL_SIZE)?;
-        std::fs::write(&dest, &plain)
-            .map_err(|e| BackupError::io(format!("write {}", dest.display()), e))
+        let io = |e| BackupError::io(format!("write {}", dest.display()), e);
+        let mut f = std::fs::File::create(&dest).map_err(io)?;
+        f.write_all(&plain).map_err(io)?;
+        if durable {
+            f.sync_data().map_err(io)?;
+        }
+        Ok(())
     })
     .await?;
     Ok(true)
 }
 
-/// Fetch `names` into the spool, `concurrency` at a time. Ok(false) if any is not archived.
+/// Fetch `names` into the spool, `concurrency` (at most [`PREFETCH_PARALLEL`]) at a time.
+/// Ok(false) if any is not archived.
+///
+/// Each spool file is on disk (`fdatasync`) before it gets its name: PostgreSQL fsyncs every
+/// restored segment (`durable_rename` when it keeps the file in pg_wal), and a spool file
+/// still dirty in the page cache made replay's startup process wait for its 16 MiB to be
+/// written; done here, that write happens in the background, ahead of replay.
 async fn prefetch_into(repo: &Repository, spool: &Path, names: &[String]) -> BackupResult<bool> {
     tokio::fs::create_dir_all(spool)
         .await
@@ -268,10 +329,10 @@ async fn prefetch_into(repo: &Repository, spool: &Path, names: &[String]) -> Bac
             if tokio::fs::try_exists(&target).await.unwrap_or(false) {
                 return Ok(true);
             }
-            // Per-process temp name: a foreground miss and the background prefetcher may
-            // fetch the same segment at once.
+            // Per-process temp name, `<segment>.<pid>.tmp`: a wal-fetch that finds it (and
+            // the prefetch lock held) waits for the rename instead of fetching it again.
             let tmp = spool.join(format!("{n}.{}.tmp", std::process::id()));
-            if !fetch_to(repo, &wal_object_name(n)?, &tmp).await? {
+            if !fetch_to(repo, &wal_object_name(n)?, &tmp, true).await? {
                 return Ok(false);
             }
             tokio::fs::rename(&tmp, &target)
@@ -279,7 +340,7 @@ async fn prefetch_into(repo: &Repository, spool: &Path, names: &[String]) -> Bac
                 .map_err(|e| BackupError::io(format!("rename {}", tmp.display()), e))?;
             Ok(true)
         })
-        .buffer_unordered(repo.config().concurrency)
+        .buffer_unordered(repo.config().concurrency.min(PREFETCH_PARALLEL))
         .collect()
         .await;
     let mut all = true;
