@@ -463,8 +463,10 @@ med() { awk -F'\t' -v m="$1" '$1==m{print $3}' "$RAW" | sort -g | awk '{v[NR]=$1
 rng() { awk -F'\t' -v m="$1" '$1==m{print $3}' "$RAW" | sort -g | awk '{v[NR]=$1} END{if(NR) printf "%s..%s, n=%d", v[1], v[NR], NR}'; }
 ms() { awk -v v="$1" 'BEGIN{printf "%.0f", v*1000}'; }
 mb() { awk -v v="$1" 'BEGIN{printf "%.1f", v/1e6}'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b==0) print "n/a"; else printf "%.3f", a/b}'; }
-verdict() { awk -v r="$1" -v op="$2" -v t="$3" 'BEGIN{ok = (op=="<=") ? (r<=t) : (r>=t); print (ok ? "met" : "NOT met")}'; }
+# A section left out with ONLY (or without samples) is "n/a", never a verdict.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a=="n/a" || b=="n/a" || a+0==0 || b+0==0) print "n/a"; else printf "%.3f", a/b}'; }
+verdict() { case "$1" in n/a|-nan|nan|"") echo "not measured"; return;; esac
+  awk -v r="$1" -v op="$2" -v t="$3" 'BEGIN{ok = (op=="<=") ? (r<=t) : (r>=t); print (ok ? "met" : "NOT met")}'; }
 dbmb=$(mb "$DBSIZE")
 fo=$(med full_ours_s); fp=$(med full_pgbr_s)
 fro=$(med full_ours_repo_bytes); frp=$(med full_pgbr_repo_bytes)
