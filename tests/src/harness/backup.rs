@@ -108,3 +108,50 @@ pub fn catalog_rows(v: &Value) -> Vec<Value> {
             .unwrap_or_default(),
     }
 }
+
+/// The backup policy of the restore suite: database `yeslocker` on `host` (server `pg`),
+/// backed up to one location `primary` (tier primary, jurisdiction cn) at `repo_cfg`, in
+/// Asia/Shanghai, followed by `extra` (more sections, e.g. `[restore]`).
+pub fn yeslocker_policy(host: &str, pg: &Postgres, repo_cfg: &Path, extra: &str) -> String {
+    format!(
+        r#"version = 1
+timezone = "Asia/Shanghai"
+
+[[databases]]
+name = "yeslocker"
+host = "{host}"
+pg_url = "{}"
+data_dir = "{}"
+location = "primary"
+
+[[locations]]
+name = "primary"
+tier = "primary"
+jurisdiction = "cn"
+repo_config = "{}"
+{extra}"#,
+        pg.url("postgres"),
+        pg.data_dir.display(),
+        repo_cfg.display(),
+    )
+}
+
+/// Writes `policy` to `<dir>/policy.toml` and applies it with `drctl backup policy apply`.
+pub async fn apply_policy(
+    cluster: &super::cluster::TestCluster,
+    dir: &Path,
+    policy: &str,
+) -> Result<()> {
+    let file = dir.join("policy.toml");
+    std::fs::write(&file, policy).with_context(|| format!("write {}", file.display()))?;
+    cluster
+        .drctl_json([
+            "backup",
+            "policy",
+            "apply",
+            "-f",
+            &file.display().to_string(),
+        ])
+        .await?;
+    Ok(())
+}

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use dr_tests::TestCluster;
-use dr_tests::harness::backup::{archiving_postgres, fs_repo_config, init_repo, run_ok, text};
+use dr_tests::harness::backup::{
+    apply_policy, archiving_postgres, fs_repo_config, init_repo, run_ok, text, yeslocker_policy,
+};
 use dr_tests::harness::cluster::AgentSpec;
 use dr_tests::harness::ports::free_port;
 use dr_tests::harness::postgres::pg_bin_dir;
@@ -127,25 +129,8 @@ async fn pitr_latest_refusals_inplace_drill_corrupt_standalone() -> Result<()> {
     let scratch = pg_parent(cluster.dir().path(), "scratch")?;
     let url = pg.url("postgres");
     let policy = bk.join("policy.toml");
-    std::fs::write(
-        &policy,
-        format!(
-            r#"version = 1
-timezone = "Asia/Shanghai"
-
-[[databases]]
-name = "yeslocker"
-host = "{BJ}"
-pg_url = "{url}"
-data_dir = "{}"
-location = "primary"
-
-[[locations]]
-name = "primary"
-tier = "primary"
-jurisdiction = "cn"
-repo_config = "{}"
-
+    let restore_section = format!(
+        r#"
 [restore]
 scratch_dir = "{}"
 
@@ -160,20 +145,14 @@ db = "yeslocker"
 host = "{SH}"
 cron = "0 4 * * 0"
 "#,
-            pg.data_dir.display(),
-            repo_cfg.display(),
-            scratch.display()
-        ),
-    )?;
-    cluster
-        .drctl_json([
-            "backup",
-            "policy",
-            "apply",
-            "-f",
-            &policy.display().to_string(),
-        ])
-        .await?;
+        scratch.display()
+    );
+    apply_policy(
+        &cluster,
+        &bk,
+        &yeslocker_policy(BJ, &pg, &repo_cfg, &restore_section),
+    )
+    .await?;
 
     info!("--- full backup, batch 1, time T, batch 2 (archived)");
     {

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use dr_tests::TestCluster;
-use dr_tests::harness::backup::{archiving_postgres, fs_repo_config, init_repo, text};
+use dr_tests::harness::backup::{
+    apply_policy, archiving_postgres, fs_repo_config, init_repo, text, yeslocker_policy,
+};
 use dr_tests::harness::cluster::AgentSpec;
 use serde_json::Value;
 use sqlx::Connection;
@@ -67,39 +69,7 @@ async fn cancel_mid_restore_then_rerun() -> Result<()> {
     init_repo(&agent, &repo_cfg, &bk).await?;
     let restores = pg_parent(cluster.dir().path(), "restores")?;
     let url = pg.url("postgres");
-    let policy = bk.join("policy.toml");
-    std::fs::write(
-        &policy,
-        format!(
-            r#"version = 1
-timezone = "Asia/Shanghai"
-
-[[databases]]
-name = "yeslocker"
-host = "{BJ}"
-pg_url = "{url}"
-data_dir = "{}"
-location = "primary"
-
-[[locations]]
-name = "primary"
-tier = "primary"
-jurisdiction = "cn"
-repo_config = "{}"
-"#,
-            pg.data_dir.display(),
-            repo_cfg.display(),
-        ),
-    )?;
-    cluster
-        .drctl_json([
-            "backup",
-            "policy",
-            "apply",
-            "-f",
-            &policy.display().to_string(),
-        ])
-        .await?;
+    apply_policy(&cluster, &bk, &yeslocker_policy(BJ, &pg, &repo_cfg, "")).await?;
 
     info!("--- ~200 MB of rows, full backup");
     {
