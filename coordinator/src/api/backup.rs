@@ -654,6 +654,43 @@ mod tests {
         assert_eq!(p.timezone, "Asia/Shanghai");
     }
 
+    /// A drill schedule remembers when it was first applied (so the drill scheduler never
+    /// starts a slot from before it); re-applying keeps that time, a changed cron is new.
+    #[test]
+    fn t15_drill_schedules_remember_when_they_were_applied() {
+        let apply = |s: &mut state::State, at: i64, p: &BackupPolicy| {
+            state::apply(
+                s,
+                at as u64,
+                &state::Request {
+                    at_unix_ms: at,
+                    origin: "test".into(),
+                    cmd: Command::Backup(BackupCommand::ApplyPolicy {
+                        policy: Box::new(p.clone()),
+                    }),
+                },
+            )
+        };
+        let mut s = state::State::default();
+        let mut p = example();
+        let drill = p.restore.drills[0].clone();
+        assert!(!drill.cron.is_empty());
+        let key = catalog::drill_schedule_key(&drill);
+        assert_eq!(apply(&mut s, 1_000, &p), state::Response::Applied);
+        assert_eq!(s.catalog.drill_since.get(&key), Some(&1_000));
+        p.prune_grace_secs += 1;
+        assert_eq!(apply(&mut s, 2_000, &p), state::Response::Applied);
+        assert_eq!(s.catalog.drill_since.get(&key), Some(&1_000), "kept");
+        p.restore.drills[0].cron = "30 5 * * 0".into();
+        assert_eq!(apply(&mut s, 3_000, &p), state::Response::Applied);
+        let new_key = catalog::drill_schedule_key(&p.restore.drills[0]);
+        assert_eq!(s.catalog.drill_since.get(&new_key), Some(&3_000));
+        assert!(
+            !s.catalog.drill_since.contains_key(&key),
+            "old schedule dropped"
+        );
+    }
+
     #[test]
     fn t20_copy_to_another_jurisdiction_is_refused_unless_allowed() {
         let mut p = example();

@@ -6,7 +6,8 @@
 //! is `Unchanged`, so two leaders (or one leader retrying) start a slot's drill once. A slot
 //! missed while there was no leader runs when a leader exists within [`CATCH_UP`] after it;
 //! later than that it is skipped until the next slot (a drill at an unexpected hour would
-//! load a production host). Failures to start (no backup yet, host down) are retried once
+//! load a production host). A slot from before the schedule was applied is not "missed"
+//! (`Catalog::drill_since`): it never runs. Failures to start (no backup yet, host down) are retried once
 //! per leader term, not every tick, and logged.
 
 use std::collections::HashSet;
@@ -69,6 +70,15 @@ impl DrillScheduler {
                     continue;
                 };
                 if now - slot > CATCH_UP {
+                    continue;
+                }
+                // A slot from before this schedule was applied is not a missed slot.
+                let key = crate::state::catalog::drill_schedule_key(d);
+                let since = self
+                    .ctx
+                    .node
+                    .read(|s| s.catalog.drill_since.get(&key).copied());
+                if since.is_some_and(|t| slot.timestamp_millis() < t) {
                     continue;
                 }
                 let rid = request_id(d, &slot_label(tz, slot));

@@ -457,6 +457,17 @@ pub struct Catalog {
     /// Command keys already turned into catalog facts.
     pub recorded_keys: BTreeSet<String>,
     pub schedules: BTreeMap<String, ScheduleMark>,
+    /// When each drill schedule ([`drill_schedule_key`]) first appeared in an applied policy
+    /// (unix ms, the commit's time). The drill scheduler never starts a slot from before it:
+    /// applying a policy at 04:30 must not start that day's 04:00 drill (as applying one at
+    /// 10:00 does not start the 02:00 backup).
+    #[serde(default)]
+    pub drill_since: BTreeMap<String, i64>,
+}
+
+/// The identity of a drill schedule: its name and cron (a changed cron is a new schedule).
+pub fn drill_schedule_key(d: &crate::state::operations::restore::DrillPolicy) -> String {
+    format!("{}|{}", d.name, d.cron)
 }
 
 impl Catalog {
@@ -484,6 +495,18 @@ pub fn apply(state: &mut State, at: i64, origin: &str, cmd: &BackupCommand) -> R
             if state.catalog.policy.as_ref() == Some(&**policy) {
                 return Response::Unchanged;
             }
+            let since = policy
+                .restore
+                .drills
+                .iter()
+                .filter(|d| !d.cron.is_empty())
+                .map(|d| {
+                    let k = drill_schedule_key(d);
+                    let t = state.catalog.drill_since.get(&k).copied().unwrap_or(at);
+                    (k, t)
+                })
+                .collect();
+            state.catalog.drill_since = since;
             state.catalog.policy = Some((**policy).clone());
             Response::Applied
         }
