@@ -3,9 +3,12 @@
 //! Ports are drawn at random from 15000..32000, below Linux's ephemeral range
 //! (32768..60999), so the outgoing connections of other tests cannot grab a port between
 //! the moment we pick it and the moment a child binds it. Each candidate is test-bound
-//! first and never handed out twice by this process. Two test processes picking the same
-//! port is possible but rare (two draws among 17 000); where the harness itself listens
-//! (the fault proxies) it keeps the bound listener, which has no such window.
+//! first and never handed out twice by this process. Across test processes (nextest runs
+//! each test in its own), a port is claimed with an `flock` on `<tmp>/dr-test-ports/<port>`
+//! held until this process exits: without it, a port whose process a test had killed to
+//! restart it could be drawn by a test running beside it, and the restart failed with
+//! "address already in use" (seen once in CI: a coordinator's metrics port). Where the
+//! harness itself listens (the fault proxies) it keeps the bound listener as well.
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
@@ -15,6 +18,33 @@ use anyhow::{Result, bail};
 use rand::Rng;
 
 static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+/// The port claims of this process (see the module docs), released when it exits.
+static CLAIMS: Mutex<Vec<nix::fcntl::Flock<std::fs::File>>> = Mutex::new(Vec::new());
+
+/// Claims `port` for this process against every other test process on the machine. False
+/// when another one holds it. Best effort when the claim directory cannot be used: the bind
+/// check alone decides then.
+fn claim(port: u16) -> bool {
+    let dir = std::env::temp_dir().join("dr-test-ports");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return true;
+    }
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(port.to_string()))
+    else {
+        return true;
+    };
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => {
+            CLAIMS.lock().unwrap_or_else(|p| p.into_inner()).push(lock);
+            true
+        }
+        Err(_) => false,
+    }
+}
 
 /// A port on 127.0.0.1 that was free a moment ago and that this process never handed out.
 pub fn free_port() -> Result<u16> {
@@ -27,7 +57,7 @@ pub fn free_port() -> Result<u16> {
             if set.contains(&port) {
                 continue;
             }
-            if TcpListener::bind(("127.0.0.1", port)).is_err() {
+            if TcpListener::bind(("127.0.0.1", port)).is_err() || !claim(port) {
                 continue;
             }
             set.insert(port);
@@ -50,6 +80,25 @@ pub fn closed_addr() -> Result<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A port claimed by this process cannot be claimed again through another open file
+    /// description (which is what another test process would have).
+    #[test]
+    fn a_claimed_port_is_refused_to_other_claimants() {
+        let p = free_port().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(
+                std::env::temp_dir()
+                    .join("dr-test-ports")
+                    .join(p.to_string()),
+            )
+            .unwrap();
+        assert!(
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err(),
+            "port {p} must stay claimed while this process runs"
+        );
+    }
 
     #[test]
     fn ports_are_distinct_and_bindable() {
