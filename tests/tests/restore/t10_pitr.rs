@@ -344,8 +344,11 @@ cron = "0 4 * * 0"
         async move { c.drctl_json(["backup", "policy", "apply", "-f", &f]).await }
     };
     apply(&every_minute).await?;
+    // The minute the schedule was applied in is not a missed slot (it began before the
+    // schedule existed): the first slot is the next minute, up to 60 s away, plus the
+    // scheduler's 10 s tick and the drill itself.
     let mut scheduled = Value::Null;
-    for _ in 0..90 {
+    for _ in 0..300 {
         let list = cluster.drctl_json(["drill", "list"]).await?;
         if let Some(d) = list["drills"].as_array().and_then(|a| {
             a.iter()
