@@ -155,3 +155,18 @@ pub async fn apply_policy(
         .await?;
     Ok(())
 }
+
+/// `drctl backup run --db yeslocker --type full --wait`: the answer (catalog documents).
+pub async fn full_backup(cluster: &super::cluster::TestCluster) -> Result<Value> {
+    cluster
+        .drctl_json([
+            "backup",
+            "run",
+            "--db",
+            "yeslocker",
+            "--type",
+            "full",
+            "--wait",
+        ])
+        .await
+}

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, bail, ensure};
 use dr_tests::TestCluster;
 use dr_tests::harness::backup::{
-    archiving_postgres, catalog_rows, fs_repo_config, init_repo, last_doc, run_ok, text,
+    archiving_postgres, catalog_rows, fs_repo_config, full_backup, init_repo, last_doc, run_ok,
+    text,
 };
 use dr_tests::harness::cluster::{AgentSpec, get_str, get_u64};
 use dr_tests::harness::postgres::pg_bin_dir;
@@ -125,17 +126,7 @@ copier_host = "{HOST}"
     info!(%applied, "policy applied");
 
     info!("--- full backup");
-    let full = cluster
-        .drctl_json([
-            "backup",
-            "run",
-            "--db",
-            "yeslocker",
-            "--type",
-            "full",
-            "--wait",
-        ])
-        .await?;
+    let full = full_backup(&cluster).await?;
     let full = last_doc(full);
     let full_id = get_str(&full, "id")
         .context("full backup has an id")?

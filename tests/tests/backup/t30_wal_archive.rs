@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 use dr_tests::TestCluster;
 use dr_tests::harness::backup::{
-    archiving_postgres, fs_repo_config, init_repo, last_doc, run_ok, text,
+    archiving_postgres, fs_repo_config, full_backup, init_repo, last_doc, run_ok, text,
 };
 use dr_tests::harness::cluster::{AgentSpec, get_str};
 use dr_tests::harness::postgres::pg_bin_dir;
@@ -126,19 +126,7 @@ repo_config = "{}"
     run_ok(&mut bench(&["-i", "-s", "2", "-q"]), "pgbench -i").await?;
 
     info!("--- full backup through drctl");
-    let full = last_doc(
-        cluster
-            .drctl_json([
-                "backup",
-                "run",
-                "--db",
-                "yeslocker",
-                "--type",
-                "full",
-                "--wait",
-            ])
-            .await?,
-    );
+    let full = last_doc(full_backup(&cluster).await?);
     let full_id = get_str(&full, "id").context("backup id")?.to_owned();
     let start_lsn = get_str(&full, "start_lsn").context("start_lsn")?.to_owned();
 

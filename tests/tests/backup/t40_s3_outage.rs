@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use dr_tests::harness::backup::{
-    archiving_postgres, catalog_rows, init_repo, last_doc, run_ok, text,
+    archiving_postgres, catalog_rows, full_backup, init_repo, last_doc, run_ok, text,
 };
 use dr_tests::harness::cluster::{AgentSpec, get_str};
 use dr_tests::harness::ports::free_port;
@@ -256,19 +256,7 @@ repo_config = "{}"
 
     info!("--- server back: the next backup succeeds and verifies");
     let fwd = Forwarder::start(fwd_addr, moto_addr, 0).await?;
-    let full = last_doc(
-        cluster
-            .drctl_json([
-                "backup",
-                "run",
-                "--db",
-                "yeslocker",
-                "--type",
-                "full",
-                "--wait",
-            ])
-            .await?,
-    );
+    let full = last_doc(full_backup(&cluster).await?);
     let id = get_str(&full, "id").context("backup id")?.to_owned();
     let list = catalog_rows(&cluster.drctl_json(["backup", "list"]).await?);
     ensure!(list.len() == 1, "one entry: {list:?}");

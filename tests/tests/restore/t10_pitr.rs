@@ -12,7 +12,8 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail, ensure};
 use dr_tests::TestCluster;
 use dr_tests::harness::backup::{
-    apply_policy, archiving_postgres, fs_repo_config, init_repo, run_ok, text, yeslocker_policy,
+    apply_policy, archiving_postgres, fs_repo_config, full_backup, init_repo, run_ok, text,
+    yeslocker_policy,
 };
 use dr_tests::harness::cluster::AgentSpec;
 use dr_tests::harness::ports::free_port;
@@ -161,17 +162,7 @@ cron = "0 4 * * 0"
             .execute(&mut c)
             .await?;
     }
-    cluster
-        .drctl_json([
-            "backup",
-            "run",
-            "--db",
-            "yeslocker",
-            "--type",
-            "full",
-            "--wait",
-        ])
-        .await?;
+    full_backup(&cluster).await?;
     batch_and_archive(&url, 1).await?;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let t = sql(

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 use dr_tests::TestCluster;
 use dr_tests::harness::backup::{
-    apply_policy, archiving_postgres, fs_repo_config, init_repo, text, yeslocker_policy,
+    apply_policy, archiving_postgres, fs_repo_config, full_backup, init_repo, text,
+    yeslocker_policy,
 };
 use dr_tests::harness::cluster::AgentSpec;
 use serde_json::Value;
@@ -81,17 +82,7 @@ async fn cancel_mid_restore_then_rerun() -> Result<()> {
         .execute(&mut c)
         .await?;
     }
-    cluster
-        .drctl_json([
-            "backup",
-            "run",
-            "--db",
-            "yeslocker",
-            "--type",
-            "full",
-            "--wait",
-        ])
-        .await?;
+    full_backup(&cluster).await?;
 
     let target = restores.join("cancelled");
     let target_s = target.display().to_string();

@@ -28,7 +28,8 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use dr_tests::TestCluster;
 use dr_tests::harness::backup::{
-    apply_policy, archiving_postgres, fs_repo_config, init_repo, run_ok, yeslocker_policy,
+    apply_policy, archiving_postgres, fs_repo_config, full_backup, init_repo, run_ok,
+    yeslocker_policy,
 };
 use dr_tests::harness::cluster::AgentSpec;
 use dr_tests::harness::ports::free_port;
@@ -154,17 +155,7 @@ async fn restore_along_an_earlier_timeline() -> Result<()> {
             .execute(&mut c)
             .await?;
     }
-    cluster
-        .drctl_json([
-            "backup",
-            "run",
-            "--db",
-            "yeslocker",
-            "--type",
-            "full",
-            "--wait",
-        ])
-        .await?;
+    full_backup(&cluster).await?;
     insert_batch(&url, 1).await?;
     let fork_lsn = sql(&url, "select pg_current_wal_lsn()::text").await?;
     archive(&url).await?;
