@@ -364,11 +364,21 @@ impl RepoKey {
         // message is encrypted from block 1 on.
         let mut mac_key = [0u8; 32];
         cipher.apply_keystream(&mut mac_key);
-        let mac = Poly1305::new((&mac_key).into());
         cipher.seek(64u64);
+        let mut r = [0u8; 16];
+        r.copy_from_slice(&mac_key[..16]);
+        let mut s = [0u8; 16];
+        s.copy_from_slice(&mac_key[16..]);
+        // The ciphertext's Poly1305 with s = 0: finish() adds the aad in front and s.
+        let mut r_only = [0u8; 32];
+        r_only[..16].copy_from_slice(&r);
         StreamSeal {
             cipher,
-            mac,
+            mac: Poly1305::new((&r_only).into()),
+            r,
+            s,
+            carry: [0u8; 16],
+            held: 0,
             nonce,
             len: 0,
         }
@@ -527,21 +537,47 @@ impl RepoKey {
 }
 
 /// A sealed object built piece by piece: exactly the bytes [`RepoKey::seal_compressed`] makes
-/// of the same frames (XChaCha20-Poly1305 is a stream cipher plus a MAC over
-/// `aad ‖ pad ‖ ciphertext ‖ pad ‖ lengths`; the MAC needs the aad, which holds the plaintext
-/// hash, so it runs once that is known, over the ciphertext kept in memory).
+/// of the same frames. XChaCha20-Poly1305 is a stream cipher plus a MAC over
+/// `aad ‖ pad ‖ ciphertext ‖ pad ‖ lengths`, and the aad holds the plaintext hash, known only
+/// once the last frame is in. So the MAC runs over each frame as it is encrypted, as if the
+/// aad were empty, and [`StreamSeal::finish`] puts the aad in front with Poly1305's algebra:
+/// neither the frames (2 MiB of fresh pages per segment) are kept nor a pass over them
+/// remains after the last one.
 pub(crate) struct StreamSeal {
     cipher: XChaCha20,
+    /// Poly1305 with the object's r and s = 0, over the ciphertext so far.
     mac: Poly1305,
+    r: [u8; 16],
+    s: [u8; 16],
+    /// The ciphertext's last bytes short of a whole 16-byte block.
+    carry: [u8; 16],
+    held: usize,
     nonce: [u8; 24],
     len: u64,
 }
 
 impl StreamSeal {
-    /// Encrypt the next frame in place.
+    /// Encrypt the next frame in place and add it to the MAC.
     pub(crate) fn encrypt(&mut self, frame: &mut [u8]) {
         self.cipher.apply_keystream(frame);
         self.len += frame.len() as u64;
+        // The ciphertext as one stream of 16-byte blocks across the frame boundaries.
+        let mut f = &frame[..];
+        if self.held > 0 {
+            let take = (16 - self.held).min(f.len());
+            self.carry[self.held..self.held + take].copy_from_slice(&f[..take]);
+            self.held += take;
+            f = &f[take..];
+            if self.held < 16 {
+                return;
+            }
+            self.mac.update_padded(&self.carry);
+            self.held = 0;
+        }
+        let whole = f.len() / 16 * 16;
+        self.mac.update_padded(&f[..whole]);
+        self.carry[..f.len() - whole].copy_from_slice(&f[whole..]);
+        self.held = f.len() - whole;
     }
 
     /// Bytes encrypted so far (the ciphertext offset of the next frame).
@@ -549,55 +585,182 @@ impl StreamSeal {
         self.len
     }
 
-    /// The header (before the ciphertext) and the tag (after it), given the object name, the
-    /// plaintext hash and every encrypted frame in order.
+    /// The header (before the ciphertext) and the tag (after it), given the object name and
+    /// the plaintext hash.
     pub(crate) fn finish(
         mut self,
         name: &str,
         hash: ChunkId,
-        frames: &[Vec<u8>],
     ) -> BackupResult<([u8; HEADER_LEN], [u8; TAG_LEN])> {
-        let total: u64 = frames.iter().map(|f| f.len() as u64).sum();
-        if total != self.len {
-            return Err(BackupError::Invalid(format!(
-                "sealing {name}: {total} bytes of frames where {} were encrypted",
-                self.len
-            )));
-        }
         let aad = aad(name, &hash);
-        self.mac.update_padded(&aad);
-        // The ciphertext as one stream of 16-byte blocks across the frame boundaries.
-        let mut carry = [0u8; 16];
-        let mut held = 0;
-        for f in frames {
-            let mut f = f.as_slice();
-            if held > 0 {
-                let take = (16 - held).min(f.len());
-                carry[held..held + take].copy_from_slice(&f[..take]);
-                held += take;
-                f = &f[take..];
-                if held < 16 {
-                    continue;
-                }
-                self.mac.update_padded(&carry);
-            }
-            let whole = f.len() / 16 * 16;
-            self.mac.update_padded(&f[..whole]);
-            carry[..f.len() - whole].copy_from_slice(&f[whole..]);
-            held = f.len() - whole;
-        }
-        self.mac.update_padded(&carry[..held]);
+        self.mac.update_padded(&self.carry[..self.held]);
         let mut lengths = [0u8; 16];
         lengths[..8].copy_from_slice(&(aad.len() as u64).to_le_bytes());
         lengths[8..].copy_from_slice(&self.len.to_le_bytes());
         self.mac.update_padded(&lengths);
-        let tag: [u8; TAG_LEN] = self.mac.finalize().into();
+        // Blocks after the aad: the padded ciphertext and the lengths.
+        let blocks = self.len.div_ceil(16) + 1;
+        let tag = prepend_aad(&self.mac, &self.r, &self.s, &aad, blocks).ok_or_else(|| {
+            // Unreachable in practice (two of four candidates agreeing in 128 bits); a retry
+            // draws a new nonce, hence a new r.
+            BackupError::Invalid("sealing: Poly1305 value ambiguous; retry".into())
+        })?;
         let mut header = [0u8; HEADER_LEN];
         header[..4].copy_from_slice(MAGIC);
         header[4] = FLAG_ZSTD;
         header[5..37].copy_from_slice(&hash.0);
         header[37..].copy_from_slice(&self.nonce);
         Ok((header, tag))
+    }
+}
+
+/// The Poly1305 tag (key `r`, `s`) of `aad ‖ pad ‖ M`, where `mac` is Poly1305 (key `r`,
+/// s = 0) over the `blocks` 16-byte blocks of M. Poly1305 of blocks m1..mq is
+/// `(Σ mi·r^(q-i+1) mod p) + s`, p = 2^130 - 5, so the aad's own sum A comes in as
+/// `A·r^blocks`. `mac` yields its sum H only modulo 2^128 (a tag is 128 bits), so H is the
+/// one of the up to four values below p with those low bits whose continuation by one more
+/// block matches `mac` continued by that block. None if two of them match (odds ~2^-126).
+fn prepend_aad(
+    mac: &Poly1305,
+    r: &[u8; 16],
+    s: &[u8; 16],
+    aad: &[u8],
+    blocks: u64,
+) -> Option<[u8; TAG_LEN]> {
+    let low = |t: Tag| u128::from_le_bytes(t.into());
+    let t0 = low(mac.clone().finalize());
+    let mut probe = mac.clone();
+    probe.update_padded(&[0u8; 16]);
+    let t1 = low(probe.finalize());
+    let r = Fe::from_u128(
+        u128::from_le_bytes(*r) & 0x0fff_fffc_0fff_fffc_0fff_fffc_0fff_ffff,
+        0,
+    );
+    let zero_block = Fe::from_u128(0, 1);
+    let mut found = None;
+    for k in 0..4u64 {
+        // t0 + k·2^128 < p = 3·2^128 + 2^128 - 5
+        if k == 3 && t0 > u128::MAX - 5 {
+            continue;
+        }
+        let h = Fe::from_u128(t0, k);
+        if h.add(zero_block).mul(r).low128() == t1 {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(h);
+        }
+    }
+    let h = found?;
+    let mut a = Fe::from_u128(0, 0);
+    for block in aad.chunks(16) {
+        let mut b = [0u8; 16];
+        b[..block.len()].copy_from_slice(block);
+        a = a.add(Fe::from_u128(u128::from_le_bytes(b), 1)).mul(r);
+    }
+    let total = a.mul(r.pow(blocks)).add(h);
+    Some(
+        total
+            .low128()
+            .wrapping_add(u128::from_le_bytes(*s))
+            .to_le_bytes(),
+    )
+}
+
+/// An element of GF(2^130 - 5) in five 26-bit limbs (poly1305-donna's representation).
+#[derive(Clone, Copy)]
+struct Fe([u64; 5]);
+
+impl Fe {
+    const M: u64 = (1 << 26) - 1;
+
+    /// `lo + hi·2^128` (hi < 4).
+    fn from_u128(lo: u128, hi: u64) -> Fe {
+        let l = |shift: u32| ((lo >> shift) as u64) & Self::M;
+        Fe([l(0), l(26), l(52), l(78), ((lo >> 104) as u64) | (hi << 24)])
+    }
+
+    /// Carry every limb into the next (the top one back into the bottom times 5) until each
+    /// holds 26 bits: the value is then below 2^130.
+    fn carry(mut self) -> Fe {
+        let h = &mut self.0;
+        loop {
+            for i in 0..4 {
+                h[i + 1] += h[i] >> 26;
+                h[i] &= Self::M;
+            }
+            let top = h[4] >> 26;
+            if top == 0 {
+                return self;
+            }
+            h[4] &= Self::M;
+            h[0] += top * 5;
+        }
+    }
+
+    fn add(self, o: Fe) -> Fe {
+        let (a, b) = (self.0, o.0);
+        Fe([
+            a[0] + b[0],
+            a[1] + b[1],
+            a[2] + b[2],
+            a[3] + b[3],
+            a[4] + b[4],
+        ])
+        .carry()
+    }
+
+    /// Product modulo p; both operands carried (limbs below 2^27), as every result is.
+    fn mul(self, o: Fe) -> Fe {
+        let [a0, a1, a2, a3, a4] = self.0;
+        let [b0, b1, b2, b3, b4] = o.0;
+        let (s1, s2, s3, s4) = (b1 * 5, b2 * 5, b3 * 5, b4 * 5);
+        let d = [
+            a0 * b0 + a1 * s4 + a2 * s3 + a3 * s2 + a4 * s1,
+            a0 * b1 + a1 * b0 + a2 * s4 + a3 * s3 + a4 * s2,
+            a0 * b2 + a1 * b1 + a2 * b0 + a3 * s4 + a4 * s3,
+            a0 * b3 + a1 * b2 + a2 * b1 + a3 * b0 + a4 * s4,
+            a0 * b4 + a1 * b3 + a2 * b2 + a3 * b1 + a4 * b0,
+        ];
+        Fe(d).carry()
+    }
+
+    fn pow(self, mut e: u64) -> Fe {
+        let mut acc = Fe::from_u128(1, 0);
+        let mut base = self;
+        while e > 0 {
+            if e & 1 == 1 {
+                acc = acc.mul(base);
+            }
+            base = base.mul(base);
+            e >>= 1;
+        }
+        acc
+    }
+
+    /// The low 128 bits of the value reduced below p.
+    fn low128(self) -> u128 {
+        let h = self.carry().0;
+        let v = |h: [u64; 5]| {
+            u128::from(h[0])
+                | u128::from(h[1]) << 26
+                | u128::from(h[2]) << 52
+                | u128::from(h[3]) << 78
+                | u128::from(h[4]) << 104
+        };
+        // h - p = h + 5 - 2^130: use it when it does not go below zero.
+        let mut g = h;
+        g[0] += 5;
+        for i in 0..4 {
+            g[i + 1] += g[i] >> 26;
+            g[i] &= Self::M;
+        }
+        if g[4] >> 26 != 0 {
+            g[4] &= Self::M;
+            v(g)
+        } else {
+            v(h)
+        }
     }
 }
 
@@ -620,6 +783,25 @@ pub(crate) fn compress(plain: &[u8], level: i32) -> BackupResult<Vec<u8>> {
             None => zstd::bulk::compress(plain, level).map_err(err),
         }
     })
+}
+
+/// [`compress`] into `buf` (cleared, grown to zstd's bound when short; wal-push reuses a few
+/// of them: a fresh bound-sized output per frame is an mmap, page faults and an munmap each).
+pub(crate) fn compress_into(plain: &[u8], level: i32, buf: &mut Vec<u8>) -> BackupResult<()> {
+    let err = |e| BackupError::io("zstd compress", e);
+    buf.clear();
+    buf.reserve(zstd::zstd_safe::compress_bound(plain.len()));
+    CCTX.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = Some((level, zstd::bulk::Compressor::new(level).map_err(err)?));
+        }
+        match c.as_mut() {
+            Some((_, z)) => z.compress_to_buffer(plain, &mut *buf).map_err(err),
+            None => Err(BackupError::Invalid("no zstd context".into())),
+        }
+    })?;
+    Ok(())
 }
 
 fn decompress(data: &[u8], max_plain: usize) -> std::io::Result<Vec<u8>> {
@@ -819,7 +1001,7 @@ mod tests {
             }
             assert_eq!(s.len(), frames.iter().map(|f| f.len() as u64).sum::<u64>());
             let nonce = s.nonce;
-            let (header, tag) = s.finish("wal/00000001/x", hash, &enc).unwrap();
+            let (header, tag) = s.finish("wal/00000001/x", hash).unwrap();
             let mut obj = header.to_vec();
             for f in &enc {
                 obj.extend_from_slice(f);
@@ -847,11 +1029,34 @@ mod tests {
                 "bound to its name"
             );
         }
-        // Frames that do not add up to what was encrypted: refused.
-        let mut s = k.seal_stream();
-        let mut f = vec![1u8, 2, 3];
-        s.encrypt(&mut f);
-        assert!(s.finish("wal/00000001/x", hash, &[]).is_err());
+        // Many nonces (so many Poly1305 keys) and lengths, including none and block edges:
+        // the tag put together in finish() is the one chacha20poly1305 computes.
+        for i in 0..300usize {
+            let n = match i % 6 {
+                0 => 0,
+                1 => 16 * (i % 5),
+                2 => i,
+                _ => rand::random::<u32>() as usize % 5000,
+            };
+            let data: Vec<u8> = (0..n).map(|_| rand::random::<u8>()).collect();
+            let mut s = k.seal_stream();
+            let nonce = s.nonce;
+            let mut enc = data.clone();
+            let cut = if n == 0 { 0 } else { i % n };
+            let (a, b) = enc.split_at_mut(cut);
+            s.encrypt(a);
+            s.encrypt(b);
+            let name = format!("wal/00000001/{i:024X}");
+            let h = ChunkId(rand::random());
+            let (_, tag) = s.finish(&name, h).unwrap();
+            let mut body = data.clone();
+            let reference = k
+                .cipher
+                .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad(&name, &h), &mut body)
+                .unwrap();
+            assert_eq!(enc, body, "length {n}");
+            assert_eq!(&tag[..], &reference[..], "length {n}, cut {cut}");
+        }
     }
 
     #[test]
