@@ -254,7 +254,15 @@ impl pb::control_service_server::ControlService for ControlApi {
     ) -> Result<Response<pb::AgentInfo>, Status> {
         authorize(&self.ctx, &req, "GetAgent", Permission::Read)?;
         let host_id = req.into_inner().host_id;
-        let live = self.live();
+        // One host: copy its entry only, not the whole registry.
+        let live = self.ctx.node.is_leader().then(|| {
+            self.ctx
+                .registry
+                .view(&host_id)
+                .map(|v| (v.host_id.clone(), v))
+                .into_iter()
+                .collect::<BTreeMap<_, _>>()
+        });
         let found = self.ctx.node.read(|s| match s.host(&host_id) {
             Some(h) => Ok(agent_info(h, live.as_ref())),
             None => Err(unknown_host_hint(s, &host_id)),

@@ -290,18 +290,29 @@ pub async fn run(ctx: Arc<Ctx>, tls: ServerTls, cancel: CancellationToken) {
             pushed.clear();
             continue;
         }
-        // 3. Integrity reports (leader: the live registry) and 4. the level push.
-        let views = ctx.registry.views();
-        let (level, last_integrity): (String, HashMap<String, String>) = ctx.node.read(|s| {
-            let last = views
-                .iter()
-                .filter_map(|v| {
+        // 3. Integrity reports (leader: the live registry) and 4. the level push. Only the
+        //    hosts that need one of them are copied out of the registry.
+        let level = ctx.node.read(|s| s.security.level().to_owned());
+        let mut todo: Vec<(String, Option<String>, bool)> = Vec::new();
+        ctx.registry.for_each(|e| {
+            if !e.connected {
+                return;
+            }
+            let detail = integrity_detail(e.checks);
+            let level_differs = e.facts.get(FACT_LEVEL).is_some_and(|l| *l != level);
+            if detail.is_some() || level_differs {
+                todo.push((e.host_id.to_owned(), detail, level_differs));
+            }
+        });
+        let last_integrity: HashMap<String, String> = ctx.node.read(|s| {
+            todo.iter()
+                .filter(|(_, detail, _)| detail.is_some())
+                .filter_map(|(host, _, _)| {
                     s.security
-                        .last_alert(KIND_INTEGRITY, &v.host_id)
-                        .map(|a| (v.host_id.clone(), a.detail.clone()))
+                        .last_alert(KIND_INTEGRITY, host)
+                        .map(|a| (host.clone(), a.detail.clone()))
                 })
-                .collect();
-            (s.security.level().to_owned(), last)
+                .collect()
         });
         // 5. Isolation records follow finished isolate/unisolate commands (an approved
         //    request launches the commands without a handler waiting for them).
@@ -310,38 +321,37 @@ pub async fn run(ctx: Arc<Ctx>, tls: ServerTls, cancel: CancellationToken) {
             info!(target_host = %cmd.target(), "isolation record follows a finished command");
             propose(&ctx, Command::Security(cmd)).await;
         }
-        for v in views.iter().filter(|v| v.connected) {
-            if let Some(detail) = integrity_detail(&v.checks)
-                && last_integrity.get(&v.host_id) != Some(&detail)
+        for (host, detail, level_differs) in todo {
+            if let Some(detail) = detail
+                && last_integrity.get(&host) != Some(&detail)
             {
-                warn!(host = %v.host_id, "watched files changed on a host: raising an alert");
+                warn!(host = %host, "watched files changed on a host: raising an alert");
                 propose(
                     &ctx,
                     Command::Security(SecurityCommand::RaiseAlert {
                         kind: KIND_INTEGRITY.into(),
-                        source: v.host_id.clone(),
+                        source: host.clone(),
                         detail,
                         count: 1,
                     }),
                 )
                 .await;
             }
-            let reported = v.facts.get(FACT_LEVEL);
-            if reported.is_some_and(|l| *l != level)
+            if level_differs
                 && pushed
-                    .get(&v.host_id)
+                    .get(&host)
                     .is_none_or(|t| now.saturating_duration_since(*t) > PUSH_RETRY)
             {
-                pushed.insert(v.host_id.clone(), now);
-                info!(host = %v.host_id, level = %level, "pushing the security monitoring level");
+                pushed.insert(host.clone(), now);
+                info!(host = %host, level = %level, "pushing the security monitoring level");
                 let deadline = now_unix_ms()
                     + i64::try_from(PUSH_DEADLINE.as_millis()).unwrap_or(i64::MAX / 4);
                 propose(
                     &ctx,
                     Command::IssueCommands {
                         commands: vec![NewCommand {
-                            key: format!("security-level-{}-{}", v.host_id, uuid::Uuid::new_v4()),
-                            host_id: v.host_id.clone(),
+                            key: format!("security-level-{}-{}", host, uuid::Uuid::new_v4()),
+                            host_id: host.clone(),
                             action: pb::Action {
                                 kind: Some(pb::action::Kind::Generic(pb::Generic {
                                     verb: "security-monitoring".into(),
