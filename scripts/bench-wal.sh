@@ -138,6 +138,9 @@ done
 mapfile -t segs < <(ls -S "$REPO/wal/00000001" | grep -E '^[0-9A-F]{24}$' | head -n $((2 * REPS)))
 [ "${#segs[@]}" -ge $((2 * REPS)) ] || { echo "only ${#segs[@]} segments; lower REPS or raise SCALE" >&2; exit 1; }
 for s in "${segs[@]}"; do asp "$AGENT" wal-fetch "$s" "$W/walcopy/$s" --repo-config "$W/nospool.toml"; done
+# PostgreSQL fsyncs a segment before it marks it .ready; the copies just written are still
+# dirty, and their writeback would land in both tools' journal commits during the first pushes.
+sync
 for i in $(seq 1 "$REPS"); do
     so=${segs[$((2 * i - 2))]}; sp=${segs[$((2 * i - 1))]}
     if [ $((i % 2)) = 1 ]; then
