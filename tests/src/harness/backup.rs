@@ -89,6 +89,28 @@ pub async fn archiving_postgres(dir: &TestDir, agent: &Path, repo_cfg: &Path) ->
     .await
 }
 
+/// A db host's backup set-up as every backup and restore test starts it.
+pub struct ArchivingDb {
+    /// `<test>/backup`: repository configs, the fs repository `repo`, scratch files.
+    pub dir: PathBuf,
+    /// The config of the initialised fs repository `<dir>/repo`.
+    pub repo_cfg: PathBuf,
+    /// PostgreSQL 15 archiving into that repository with `dr-agent wal-push`.
+    pub pg: Postgres,
+}
+
+/// `<test>/backup` with an fs repository initialised by `dr-agent repo init`, then a
+/// PostgreSQL 15 archiving into it (so its first archive_command already finds the repository).
+pub async fn archiving_db(cluster: &super::cluster::TestCluster) -> Result<ArchivingDb> {
+    let agent = &cluster.bins.agent;
+    let dir = cluster.dir().join("backup");
+    std::fs::create_dir_all(&dir)?;
+    let repo_cfg = fs_repo_config(&dir, "repo", &dir.join("repo"))?;
+    init_repo(agent, &repo_cfg, &dir).await?;
+    let pg = archiving_postgres(cluster.dir(), agent, &repo_cfg).await?;
+    Ok(ArchivingDb { dir, repo_cfg, pg })
+}
+
 /// The last JSON document drctl printed (`--wait` may stream progress before the result).
 pub fn last_doc(v: Value) -> Value {
     match v {

@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use dr_tests::TestCluster;
-use dr_tests::harness::backup::{
-    archiving_postgres, fs_repo_config, full_backup, init_repo, last_doc, run_ok, text,
-};
+use dr_tests::harness::backup::{ArchivingDb, archiving_db, full_backup, last_doc, run_ok, text};
 use dr_tests::harness::cluster::{AgentSpec, get_str};
 use dr_tests::harness::postgres::pg_bin_dir;
 use tokio::process::Command;
@@ -77,13 +75,12 @@ async fn wal_no_gap() -> Result<()> {
         .start()
         .await?;
     let agent = cluster.bins.agent.clone();
-    let bk = cluster.dir().join("backup");
-    std::fs::create_dir_all(&bk)?;
-    let repo_cfg = fs_repo_config(&bk, "repo", &bk.join("repo"))?;
-    init_repo(&agent, &repo_cfg, &bk).await?;
-
     info!("--- PostgreSQL 15 primary, archive_command = dr-agent wal-push");
-    let mut pg = archiving_postgres(cluster.dir(), &agent, &repo_cfg).await?;
+    let ArchivingDb {
+        dir: bk,
+        repo_cfg,
+        mut pg,
+    } = archiving_db(&cluster).await?;
     let port = pg.port.to_string();
     let pg_url = pg.url("postgres");
     let policy = bk.join("policy.toml");

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 use dr_tests::TestCluster;
 use dr_tests::harness::backup::{
-    apply_policy, archiving_postgres, fs_repo_config, full_backup, init_repo, text,
-    yeslocker_policy,
+    ArchivingDb, apply_policy, archiving_db, full_backup, text, yeslocker_policy,
 };
 use dr_tests::harness::cluster::AgentSpec;
 use serde_json::Value;
@@ -62,12 +61,11 @@ async fn cancel_mid_restore_then_rerun() -> Result<()> {
         .agent(AgentSpec::new(BJ).roles(&["db"]))
         .start()
         .await?;
-    let agent = cluster.bins.agent.clone();
-    let bk = cluster.dir().join("backup");
-    std::fs::create_dir_all(&bk)?;
-    let repo_cfg = fs_repo_config(&bk, "repo", &bk.join("repo"))?;
-    let pg = archiving_postgres(cluster.dir(), &agent, &repo_cfg).await?;
-    init_repo(&agent, &repo_cfg, &bk).await?;
+    let ArchivingDb {
+        dir: bk,
+        repo_cfg,
+        pg,
+    } = archiving_db(&cluster).await?;
     let restores = pg_parent(cluster.dir().path(), "restores")?;
     let url = pg.url("postgres");
     apply_policy(&cluster, &bk, &yeslocker_policy(BJ, &pg, &repo_cfg, "")).await?;

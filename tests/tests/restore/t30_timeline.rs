@@ -28,8 +28,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use dr_tests::TestCluster;
 use dr_tests::harness::backup::{
-    apply_policy, archiving_postgres, fs_repo_config, full_backup, init_repo, run_ok,
-    yeslocker_policy,
+    ArchivingDb, apply_policy, archiving_db, full_backup, run_ok, yeslocker_policy,
 };
 use dr_tests::harness::cluster::AgentSpec;
 use dr_tests::harness::ports::free_port;
@@ -122,11 +121,11 @@ async fn restore_along_an_earlier_timeline() -> Result<()> {
         .start()
         .await?;
     let agent = cluster.bins.agent.clone();
-    let bk = cluster.dir().join("backup");
-    std::fs::create_dir_all(&bk)?;
-    let repo_cfg = fs_repo_config(&bk, "repo", &bk.join("repo"))?;
-    let mut pg = archiving_postgres(cluster.dir(), &agent, &repo_cfg).await?;
-    init_repo(&agent, &repo_cfg, &bk).await?;
+    let ArchivingDb {
+        dir: bk,
+        repo_cfg,
+        mut pg,
+    } = archiving_db(&cluster).await?;
     let restores = pg_parent(cluster.dir().path(), "restores")?;
     let url = pg.url("postgres");
     apply_policy(&cluster, &bk, &yeslocker_policy(BJ, &pg, &repo_cfg, "")).await?;
