@@ -1,19 +1,23 @@
 # Shared helpers of the scripts/bench-*.sh benchmarks (sourced, not run).
 # Starts release binaries on 127.0.0.1 under a work dir; every process it starts is
-# recorded in $WORK/pids and stopped by PID on exit.
+# recorded in $WORK/pids and stopped by PID on exit. A work dir this file made (no WORK given)
+# is removed on exit unless KEEP=1.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${BIN:-$ROOT/target/release}
-WORK=${WORK:-$(mktemp -d /tmp/dr-bench.XXXXXX)}
+MADE_WORK=0
+if [ -z "${WORK:-}" ]; then WORK=$(mktemp -d /tmp/dr-bench.XXXXXX); MADE_WORK=1; fi
 BASE_PORT=${BASE_PORT:-27100}
 mkdir -p "$WORK"
 : > "$WORK/pids"
 
 cleanup() {
+    [ -f "$WORK/pids" ] || return 0   # already cleaned up (a script may call it before exit)
     while read -r pid; do kill -TERM "$pid" 2>/dev/null || true; done < "$WORK/pids"
     sleep 1
     while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done < "$WORK/pids"
+    if [ "$MADE_WORK" = 1 ] && [ "${KEEP:-0}" != 1 ]; then rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
