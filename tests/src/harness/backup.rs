@@ -178,17 +178,18 @@ pub async fn apply_policy(
     Ok(())
 }
 
+/// `drctl backup run --db DB --type KIND --wait`: the answer (catalog documents).
+pub async fn run_backup(
+    cluster: &super::cluster::TestCluster,
+    db: &str,
+    kind: &str,
+) -> Result<Value> {
+    cluster
+        .drctl_json(["backup", "run", "--db", db, "--type", kind, "--wait"])
+        .await
+}
+
 /// `drctl backup run --db yeslocker --type full --wait`: the answer (catalog documents).
 pub async fn full_backup(cluster: &super::cluster::TestCluster) -> Result<Value> {
-    cluster
-        .drctl_json([
-            "backup",
-            "run",
-            "--db",
-            "yeslocker",
-            "--type",
-            "full",
-            "--wait",
-        ])
-        .await
+    run_backup(cluster, "yeslocker", "full").await
 }

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, bail, ensure};
 use dr_tests::TestCluster;
 use dr_tests::harness::backup::{
-    archiving_postgres, catalog_rows, fs_repo_config, full_backup, init_repo, last_doc, run_ok,
-    text,
+    apply_policy, archiving_postgres, catalog_rows, fs_repo_config, full_backup, init_repo,
+    last_doc, run_backup, run_ok, text,
 };
 use dr_tests::harness::cluster::{AgentSpec, get_str, get_u64};
 use dr_tests::harness::postgres::pg_bin_dir;
@@ -63,12 +63,12 @@ async fn full_incr_list_verify_corrupt_and_refusals() -> Result<()> {
 
     info!("--- backup policy apply");
     let missing_cfg = bk.join("does-not-exist.toml");
-    let policy = bk.join("policy.toml");
     let pg_url = pg.url("postgres");
     let data_dir = pg.data_dir.display().to_string();
-    std::fs::write(
-        &policy,
-        format!(
+    apply_policy(
+        &cluster,
+        &bk,
+        &format!(
             r#"version = 1
 timezone = "Asia/Shanghai"
 allowed_transfers = []
@@ -113,17 +113,9 @@ copier_host = "{HOST}"
             missing_cfg.display(),
             overseas_cfg.display()
         ),
-    )?;
-    let applied = cluster
-        .drctl_json([
-            "backup",
-            "policy",
-            "apply",
-            "-f",
-            &policy.display().to_string(),
-        ])
-        .await?;
-    info!(%applied, "policy applied");
+    )
+    .await?;
+    info!("policy applied");
 
     info!("--- full backup");
     let full = full_backup(&cluster).await?;
@@ -141,17 +133,7 @@ copier_host = "{HOST}"
         "pgbench -i -s 1",
     )
     .await?;
-    let incr = cluster
-        .drctl_json([
-            "backup",
-            "run",
-            "--db",
-            "yeslocker",
-            "--type",
-            "incr",
-            "--wait",
-        ])
-        .await?;
+    let incr = run_backup(&cluster, "yeslocker", "incr").await?;
     let incr = last_doc(incr);
     let incr_id = get_str(&incr, "id")
         .context("incr backup has an id")?

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, ensure};
 use dr_tests::TestCluster;
-use dr_tests::harness::backup::{catalog_rows, fs_repo_config, init_repo, last_doc, run_ok, text};
+use dr_tests::harness::backup::{
+    apply_policy, catalog_rows, fs_repo_config, init_repo, last_doc, run_backup, run_ok, text,
+};
 use dr_tests::harness::cluster::{AgentSpec, get_str};
 use dr_tests::harness::postgres::{Postgres, pg_bin_dir};
 use tokio::process::Command;
@@ -112,10 +114,10 @@ async fn logical_files_full_fs() -> Result<()> {
         random_file(&blobs.join(format!("blob{i}")), 8 << 20, i)?;
     }
 
-    let policy = bk.join("policy.toml");
-    std::fs::write(
-        &policy,
-        format!(
+    apply_policy(
+        &cluster,
+        &bk,
+        &format!(
             r#"version = 1
 timezone = "Asia/Shanghai"
 
@@ -159,44 +161,18 @@ repo_config = "{}"
             repo_cfg.display(),
             small_cfg.display()
         ),
-    )?;
-    cluster
-        .drctl_json([
-            "backup",
-            "policy",
-            "apply",
-            "-f",
-            &policy.display().to_string(),
-        ])
-        .await?;
+    )
+    .await?;
 
     info!("--- logical backup through drctl");
-    let dump = last_doc(
-        cluster
-            .drctl_json([
-                "backup",
-                "run",
-                "--db",
-                "yeslocker",
-                "--type",
-                "logical",
-                "--wait",
-            ])
-            .await?,
-    );
+    let dump = last_doc(run_backup(&cluster, "yeslocker", "logical").await?);
     let dump_id = get_str(&dump, "id")
         .context("logical backup id")?
         .to_owned();
     ensure!(dump_id.ends_with("-logical"), "{dump}");
 
     info!("--- files backup through drctl");
-    let files = last_doc(
-        cluster
-            .drctl_json([
-                "backup", "run", "--db", "config", "--type", "files", "--wait",
-            ])
-            .await?,
-    );
+    let files = last_doc(run_backup(&cluster, "config", "files").await?);
     let files_id = get_str(&files, "id").context("files backup id")?.to_owned();
     ensure!(files_id.ends_with("-files"), "{files}");
 

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use dr_tests::TestCluster;
-use dr_tests::harness::backup::{ArchivingDb, archiving_db, full_backup, last_doc, run_ok, text};
+use dr_tests::harness::backup::{
+    ArchivingDb, apply_policy, archiving_db, full_backup, last_doc, run_ok, text,
+};
 use dr_tests::harness::cluster::{AgentSpec, get_str};
 use dr_tests::harness::postgres::pg_bin_dir;
 use tokio::process::Command;
@@ -83,10 +85,10 @@ async fn wal_no_gap() -> Result<()> {
     } = archiving_db(&cluster).await?;
     let port = pg.port.to_string();
     let pg_url = pg.url("postgres");
-    let policy = bk.join("policy.toml");
-    std::fs::write(
-        &policy,
-        format!(
+    apply_policy(
+        &cluster,
+        &bk,
+        &format!(
             r#"version = 1
 [[databases]]
 name = "yeslocker"
@@ -103,16 +105,8 @@ repo_config = "{}"
             pg.data_dir.display(),
             repo_cfg.display()
         ),
-    )?;
-    cluster
-        .drctl_json([
-            "backup",
-            "policy",
-            "apply",
-            "-f",
-            &policy.display().to_string(),
-        ])
-        .await?;
+    )
+    .await?;
     let bench = |args: &[&str]| {
         let mut c = Command::new(pg_bin_dir().join("pgbench"));
         c.args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, ensure};
 use dr_tests::TestCluster;
+use dr_tests::harness::backup::apply_policy;
 use dr_tests::harness::cluster::AgentSpec;
 use serde_json::Value;
 use tokio::process::Command;
@@ -103,12 +104,10 @@ async fn run_ok(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn write_policy(dir: &Path, repo_cfg: &Path, data: &Path) -> Result<std::path::PathBuf> {
-    let policy = dir.join("policy.toml");
-    std::fs::write(
-        &policy,
-        format!(
-            r#"version = 1
+/// The policy: one file set backed up every minute.
+fn policy(repo_cfg: &Path, data: &Path) -> String {
+    format!(
+        r#"version = 1
 timezone = "Asia/Shanghai"
 
 [[file_sets]]
@@ -129,11 +128,9 @@ cron = "* * * * *"
 kind = "files"
 target = "app-config"
 "#,
-            data.display(),
-            repo_cfg.display()
-        ),
-    )?;
-    Ok(policy)
+        data.display(),
+        repo_cfg.display()
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,16 +161,7 @@ async fn slot_runs_once_across_leader_kills() -> Result<()> {
         "dr-agent repo init",
     )
     .await?;
-    let policy = write_policy(&bk, &repo_cfg, &data)?;
-    cluster
-        .drctl_json([
-            "backup",
-            "policy",
-            "apply",
-            "-f",
-            &policy.display().to_string(),
-        ])
-        .await?;
+    apply_policy(&cluster, &bk, &policy(&repo_cfg, &data)).await?;
 
     info!("--- not never: no leader at the slot");
     // At least 10 s before the slot we aim at, so the policy's first sighting (which marks

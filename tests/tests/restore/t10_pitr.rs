@@ -12,7 +12,8 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail, ensure};
 use dr_tests::TestCluster;
 use dr_tests::harness::backup::{
-    ArchivingDb, apply_policy, archiving_db, full_backup, run_ok, text, yeslocker_policy,
+    ArchivingDb, apply_policy, archiving_db, full_backup, run_backup, run_ok, text,
+    yeslocker_policy,
 };
 use dr_tests::harness::cluster::AgentSpec;
 use dr_tests::harness::ports::free_port;
@@ -214,17 +215,7 @@ cron = "0 4 * * 0"
     );
 
     info!("--- incremental, batch 3 archived; latest restore onto a host in the other region");
-    cluster
-        .drctl_json([
-            "backup",
-            "run",
-            "--db",
-            "yeslocker",
-            "--type",
-            "incr",
-            "--wait",
-        ])
-        .await?;
+    run_backup(&cluster, "yeslocker", "incr").await?;
     batch_and_archive(&url, 3).await?;
     let d2 = restores.join("latest-sh");
     let op = cluster
@@ -374,17 +365,7 @@ cron = "0 4 * * 0"
     );
 
     info!("--- a logical backup named with --backup goes to pg_restore --clean --if-exists");
-    let dump = cluster
-        .drctl_json([
-            "backup",
-            "run",
-            "--db",
-            "yeslocker",
-            "--type",
-            "logical",
-            "--wait",
-        ])
-        .await?;
+    let dump = run_backup(&cluster, "yeslocker", "logical").await?;
     let dump = match dump {
         Value::Array(mut a) => a.pop().unwrap_or(Value::Null),
         v => v,
