@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use dr_tests::harness::backup::{
-    archiving_postgres, catalog_rows, full_backup, init_repo, last_doc, run_ok, text,
+    apply_policy, archiving_postgres, catalog_rows, full_backup, init_repo, last_doc, run_ok, text,
 };
 use dr_tests::harness::cluster::{AgentSpec, get_str};
 use dr_tests::harness::ports::free_port;
@@ -175,10 +175,10 @@ async fn s3_outage_mid_backup() -> Result<()> {
         "pgbench -i",
     )
     .await?;
-    let policy = bk.join("policy.toml");
-    std::fs::write(
-        &policy,
-        format!(
+    apply_policy(
+        &cluster,
+        &bk,
+        &format!(
             r#"version = 1
 [[databases]]
 name = "yeslocker"
@@ -196,16 +196,8 @@ repo_config = "{}"
             pg.data_dir.display(),
             repo_cfg.display()
         ),
-    )?;
-    cluster
-        .drctl_json([
-            "backup",
-            "policy",
-            "apply",
-            "-f",
-            &policy.display().to_string(),
-        ])
-        .await?;
+    )
+    .await?;
 
     info!("--- backup through a 1 MiB/s link; the link dies after 3 s");
     let started = std::time::Instant::now();
