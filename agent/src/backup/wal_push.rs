@@ -13,9 +13,10 @@
 //! process start included): an fs location takes [`wal_push_fs`], which runs before any async
 //! runtime exists (a tokio runtime costs threads to start and several ms to shut down, per
 //! segment). The file is mapped read-only and taken in pieces of 256 KiB by two workers (the
-//! calling thread and one more; up to four on bigger machines): a piece is hashed (a BLAKE3
-//! subtree; the pieces' hashes combine into the hash of the whole) and compressed into its own
-//! zstd frame while it is in the core's cache. Reading the whole segment into one fresh buffer
+//! calling thread and one more; up to four on bigger machines), each held on its own CPU
+//! while they work (left to the scheduler, the two often took turns on one core: see
+//! [`Placement`]): a piece is hashed (a BLAKE3 subtree; the pieces' hashes combine into the
+//! hash of the whole) and compressed into its own zstd frame while it is in the core's cache. Reading the whole segment into one fresh buffer
 //! cost as much CPU in page faults, zeroing and unmapping as zstd did, and copying pieces into
 //! reused buffers still cost 12 % of a push (`map_segment` says why the mapping is sound).
 //! Whichever worker completes the next frame in file order encrypts it (XChaCha20, and
@@ -46,7 +47,7 @@
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use blake3::hazmat::ChainingValue;
 use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
@@ -510,12 +511,14 @@ fn run_ahead(cfg: &RepoConfig, spool: &Path, path: &Path, ahead: usize) {
 /// (docs/benchmarks.md, "wal-push, late evening").
 #[allow(unsafe_code)]
 fn map_segment(file: &std::fs::File, path: &Path, len: usize) -> BackupResult<memmap2::Mmap> {
-    // SAFETY: the mapping is read-only, private to this process and dropped before the push
-    // returns. Its bytes must not change while mapped: `%p` is a completed WAL segment, which
-    // PostgreSQL neither writes nor truncates while its archive_command runs (a segment is
-    // recycled only after archiving it succeeded), and the read-ahead pusher reads only such
-    // segments. A file already shorter than `len` is refused below, before it is mapped.
-    // Outside that contract a truncation while mapped raises SIGBUS (the wal-push process
+    // SAFETY: the mapping is read-only and private to this process, and it is read only while
+    // the segment's pieces are hashed and compressed; then `scan` hands it to a thread that
+    // unmaps it (at the latest the process's exit does). Its bytes must not change while they
+    // are read: `%p` is a completed WAL segment, which PostgreSQL neither writes nor
+    // truncates while its archive_command runs (a segment is recycled only after archiving it
+    // succeeded), and the read-ahead pusher reads only such segments. A file already shorter
+    // than `len` is refused below, before it is mapped. Outside that contract a truncation
+    // while the bytes are read raises SIGBUS (the wal-push process
     // dies, non-zero, nothing is linked into the repository; the agent daemon never maps
     // segments) and a concurrent rewrite can make a piece's hash disagree with its frame,
     // which wal-fetch and verify detect; neither stores anything silently.
@@ -533,6 +536,19 @@ fn map_segment(file: &std::fs::File, path: &Path, len: usize) -> BackupResult<me
     let map = unsafe { memmap2::MmapOptions::new().len(len).map(file) }
         .map_err(|e| BackupError::io(format!("map {}", path.display()), e))?;
     Ok(map)
+}
+
+/// Unmap the segment on a short-lived thread: tearing down a 16 MiB mapping (4,096 page
+/// table entries and their reverse mappings) took 0.2-0.8 ms on the pushing thread, which now
+/// goes on to its fdatasync, link and directory fsync while that happens. If the thread cannot
+/// be started, the mapping is unmapped here as before.
+fn release_in_background(map: memmap2::Mmap) {
+    let spawned = std::thread::Builder::new()
+        .name("wal-unmap".into())
+        .stack_size(64 << 10)
+        .spawn(move || drop(map));
+    // A failed spawn drops the closure, and the mapping with it, before returning.
+    drop(spawned);
 }
 
 fn read_all(file: &std::fs::File, path: &Path, len: usize) -> BackupResult<Vec<u8>> {
@@ -645,8 +661,24 @@ fn scan(
             }
         }
     };
+    let started = CheckIn::default();
+    let placement = Placement::pin_self();
+    let cpus = placement.as_ref().map_or(&[][..], |p| &p.others[..]);
     std::thread::scope(|s| {
-        let handles: Vec<_> = (1..workers).map(|_| s.spawn(work)).collect();
+        let (work, started) = (&work, &started);
+        let handles: Vec<_> = (1..workers)
+            .map(|w| {
+                let cpu = (!cpus.is_empty()).then(|| cpus[(w - 1) % cpus.len()]);
+                s.spawn(move || {
+                    if let Some(cpu) = cpu {
+                        run_on(cpu);
+                    }
+                    started.arrive();
+                    work()
+                })
+            })
+            .collect();
+        started.wait_for(workers - 1);
         let mut result = work();
         for h in handles {
             let r = h
@@ -658,6 +690,8 @@ fn scan(
         }
         result
     })?;
+    drop(placement);
+    release_in_background(map);
     let st = order.into_inner().unwrap_or_else(PoisonError::into_inner);
     let cvs: Option<Vec<ChainingValue>> = st.cvs.into_iter().collect();
     match cvs {
@@ -666,6 +700,87 @@ fn scan(
             "{}: a piece was never read",
             path.display()
         ))),
+    }
+}
+
+/// Where the pusher and its workers run while they compress. Linux often puts a new thread
+/// on its creator's CPU, and here the two then took turns on one core in 4 ms slices for
+/// most of a push while the other core idled (`perf sched`: the worker created on the
+/// pusher's CPU, the other CPU idle for the whole push, no migration; `perf stat`: 1.0-1.3
+/// CPUs used by a two-thread push). Moving the worker away was not enough: when its
+/// check-in woke the pusher, the pusher was woken onto the worker's CPU. So for the scan the
+/// pusher holds its current CPU, each worker first moves itself to another CPU of the
+/// process's affinity mask ([`run_on`]) for the few milliseconds it lives, and the pusher
+/// waits for the workers' check-in ([`CheckIn`]) before it starts on pieces itself: a worker
+/// queued behind it on its CPU gets to run and move away. The wait is bounded, in case a
+/// guest's idle virtual CPU takes long to wake (up to a few ms seen here), so the pusher
+/// never idles longer than [`CHECK_IN_WAIT`]. Dropping the placement gives the pusher its
+/// mask back. With a single CPU allowed, nothing is pinned.
+struct Placement {
+    allowed: nix::sched::CpuSet,
+    /// The other allowed CPUs, in order after the pusher's, wrapping around.
+    others: Vec<usize>,
+}
+
+impl Placement {
+    fn pin_self() -> Option<Placement> {
+        use nix::sched::{CpuSet, sched_getaffinity, sched_getcpu, sched_setaffinity};
+        let me = sched_getcpu().ok()?;
+        let allowed = sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
+        let n = CpuSet::count();
+        let others: Vec<usize> = (1..n)
+            .map(|k| (me + k) % n)
+            .filter(|&c| allowed.is_set(c).unwrap_or(false))
+            .collect();
+        if others.is_empty() {
+            return None;
+        }
+        let mut only_me = CpuSet::new();
+        only_me.set(me).ok()?;
+        sched_setaffinity(nix::unistd::Pid::from_raw(0), &only_me).ok()?;
+        Some(Placement { allowed, others })
+    }
+}
+
+impl Drop for Placement {
+    fn drop(&mut self) {
+        let _ignored = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &self.allowed);
+    }
+}
+
+/// Move the calling thread to `cpu` (best effort: if the mask cannot be set, the thread
+/// stays where the scheduler put it).
+fn run_on(cpu: usize) {
+    use nix::sched::{CpuSet, sched_setaffinity};
+    let mut set = CpuSet::new();
+    if set.set(cpu).is_ok() {
+        let _ignored = sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+/// The workers' check-in, which the pushing thread waits for (briefly, see [`Placement`])
+/// before it starts on pieces itself.
+#[derive(Default)]
+struct CheckIn {
+    arrived: Mutex<usize>,
+    cv: Condvar,
+}
+
+/// See [`Placement`]: far more than a context switch and a move to another CPU (tens of
+/// microseconds), far less than a push.
+const CHECK_IN_WAIT: std::time::Duration = std::time::Duration::from_micros(300);
+
+impl CheckIn {
+    fn arrive(&self) {
+        *lock(&self.arrived) += 1;
+        self.cv.notify_all();
+    }
+
+    fn wait_for(&self, n: usize) {
+        let guard = lock(&self.arrived);
+        let _ignored = self
+            .cv
+            .wait_timeout_while(guard, CHECK_IN_WAIT, |arrived| *arrived < n);
     }
 }
 
@@ -825,6 +940,38 @@ mod tests {
         std::fs::write(&path, vec![1u8; PIECE + 10]).unwrap();
         let file = std::fs::File::open(&path).unwrap();
         assert!(scan(&key, &file, &path, 2 * PIECE, Some(1), |_| Ok(())).is_err());
+    }
+
+    /// The pusher holds its CPU only while it scans, and a thread already held to one CPU
+    /// (nothing to spread over) scans there and keeps that mask.
+    #[test]
+    fn t21_scan_gives_the_cpu_mask_back() {
+        use nix::sched::{CpuSet, sched_getaffinity, sched_getcpu, sched_setaffinity};
+        let me = nix::unistd::Pid::from_raw(0);
+        let key = RepoKey::from_master(&[9u8; 32]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg");
+        let data: Vec<u8> = (0..4 * PIECE).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let mask = |s: &CpuSet| -> Vec<usize> {
+            (0..CpuSet::count())
+                .filter(|&c| s.is_set(c).unwrap())
+                .collect()
+        };
+        let before = sched_getaffinity(me).unwrap();
+        let hash = scan(&key, &file, &path, data.len(), Some(1), |_| Ok(())).unwrap();
+        assert_eq!(hash, key.hash(&data));
+        assert_eq!(mask(&sched_getaffinity(me).unwrap()), mask(&before));
+
+        let mut one = CpuSet::new();
+        one.set(sched_getcpu().unwrap()).unwrap();
+        sched_setaffinity(me, &one).unwrap();
+        let again = scan(&key, &file, &path, data.len(), Some(1), |_| Ok(()));
+        let held = sched_getaffinity(me).unwrap();
+        sched_setaffinity(me, &before).unwrap();
+        assert_eq!(again.unwrap(), hash);
+        assert_eq!(mask(&held), mask(&one));
     }
 
     #[test]
