@@ -118,10 +118,11 @@ timed() {
     rec "$m" "$r" "$(dt "$t0" "$t1")"
 }
 # push_time METRIC REP CMD...: wall time of CMD alone (timed inside the postgres user's shell,
-# so runuser's own 5-7 ms are not in it)
+# so runuser's own 5-7 ms are not in it, with bash's EPOCHREALTIME, so no `date` process is
+# started and waited for inside the interval either)
 push_time() {
     local m=$1 r=$2 v; shift 2
-    v=$(asp bash -c 's=$(date +%s%N); "$@" >/dev/null 2>&1 || exit 1; e=$(date +%s%N); echo $(( (e - s) / 1000 ))' _ "$@") \
+    v=$(asp bash -c 's=${EPOCHREALTIME//[!0-9]/}; "$@" >/dev/null 2>&1 || exit 1; e=${EPOCHREALTIME//[!0-9]/}; echo $(( e - s ))' _ "$@") \
         || { log "FAILED: $*"; return 1; }
     rec "$m" "$r" "$(awk -v u="$v" 'BEGIN{printf "%.4f", u/1e6}')"
 }
@@ -329,12 +330,20 @@ fi
 # ------------------------------------------------------------------ 4. one-segment push
 # the largest archived segments: full of pgbench WAL (not the mostly-empty switched ones)
 if want push; then
-mapfile -t segs < <(ls -S "$REPO/wal/00000001" | grep -E '^[0-9A-F]{24}$' | head -n $((2 * REPS)))
+# Both tools push the same segments (into their own repositories), in an order that flips
+# every repetition: segments differ up to sevenfold in how well they compress.
+mapfile -t segs < <(ls -S "$REPO/wal/00000001" | grep -E '^[0-9A-F]{24}$' | head -n "$REPS")
 for s in "${segs[@]}"; do asp "$AGENT" wal-fetch "$s" "$W/walcopy/$s" --repo-config "$W/repo.toml"; done
+sync
 for i in $(seq 1 "$REPS"); do
-    so=${segs[$((2 * i - 2))]}; sp=${segs[$((2 * i - 1))]}
-    push_time push_ours_ms_raw "$i" "$AGENT" wal-push "$W/walcopy/$so" --repo-config "$W/walbench.toml"
-    push_time push_pgbr_ms_raw "$i" $PGBR --stanza=walbench archive-push "$W/walcopy/$sp"
+    s=${segs[$((i - 1))]}
+    if [ $((i % 2)) = 1 ]; then
+        push_time push_ours_ms_raw "$i" "$AGENT" wal-push "$W/walcopy/$s" --repo-config "$W/walbench.toml"
+        push_time push_pgbr_ms_raw "$i" $PGBR --stanza=walbench archive-push "$W/walcopy/$s"
+    else
+        push_time push_pgbr_ms_raw "$i" $PGBR --stanza=walbench archive-push "$W/walcopy/$s"
+        push_time push_ours_ms_raw "$i" "$AGENT" wal-push "$W/walcopy/$s" --repo-config "$W/walbench.toml"
+    fi
 done
 
 fi

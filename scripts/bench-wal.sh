@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # bench-wal.sh -- the WAL rows of bench-backup.sh alone, for a faster loop (issues 3 and 4):
 #   push:   `dr-agent wal-push` vs `pgbackrest archive-push` (zst, archive-async=n) of real
-#           16 MiB pgbench segments, alternating (order flips every repetition), timed inside
-#           the postgres user's shell exactly as bench-backup.sh's push_time does; medians.
+#           16 MiB pgbench segments, both tools the same segment in each repetition, order
+#           flipping every repetition, timed inside the postgres user's shell exactly as
+#           bench-backup.sh's push_time does; medians.
 #   replay: (REPLAY_MB > 0) replay of ~REPLAY_MB MB of archived WAL through
 #           `restore_command = dr-agent wal-fetch` vs the same WAL already in pg_wal (crash
 #           recovery from backup_label), as bench-backup.sh's row 7; medians.
@@ -10,7 +11,7 @@
 #
 # Usage (root): scripts/bench-wal.sh
 # Knobs: REPS (9) SCALE (10) REPLAY_MB (0: no replay row; bench-backup.sh uses 1024)
-#        REPLAY_REPS (3) BACKLOG (0: no backlog row; else that many segments, <= 2*REPS)
+#        REPLAY_REPS (3) BACKLOG (0: no backlog row; else that many segments)
 #        SKIP_BUILD=1 KEEP=1
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
@@ -51,7 +52,7 @@ trap on_exit EXIT
 # the same measurement as bench-backup.sh's push_time
 push_time() {
     local m=$1 r=$2 v; shift 2
-    v=$(asp bash -c 's=$(date +%s%N); "$@" >/dev/null 2>&1 || exit 1; e=$(date +%s%N); echo $(( (e - s) / 1000 ))' _ "$@") \
+    v=$(asp bash -c 's=${EPOCHREALTIME//[!0-9]/}; "$@" >/dev/null 2>&1 || exit 1; e=${EPOCHREALTIME//[!0-9]/}; echo $(( e - s ))' _ "$@") \
         || { log "FAILED: $*"; return 1; }
     rec "$m" "$r" "$(awk -v u="$v" 'BEGIN{printf "%.4f", u/1e6}')"
 }
@@ -127,7 +128,18 @@ log "pgbench -i -s $SCALE, then pgbench -c 4 -T 20 (segments for the push row)"
 asp "$PGBIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -i -s "$SCALE" -q postgres >>"$LOG" 2>&1
 PGURL="postgres://postgres@127.0.0.1:$PORT/postgres"
 asp "$AGENT" backup run --repo-config "$W/repo.toml" --pg-url "$PGURL" --data-dir "$DATA" --type full >>"$LOG" 2>&1
-asp "$PGBIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -c 4 -T 20 postgres >>"$LOG" 2>&1
+# The push row takes segments written entirely during pgbench -c 4 rounds (OLTP WAL, as
+# ../shared/bench/pgbackrest-anchor.sh chose them for its archive-push figure): names strictly
+# between the segment current before the first round and the one current after the last.
+NSEG=$(( REPS > BACKLOG ? REPS : BACKLOG ))
+LO=$(q "select pg_walfile_name(pg_current_wal_lsn())")
+for round in 1 2 3 4 5 6; do
+    asp "$PGBIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -c 4 -T 20 postgres >>"$LOG" 2>&1
+    HI=$(q "select pg_walfile_name(pg_current_wal_lsn())")
+    n=$(( 16#${HI:8:8} * 256 + 16#${HI:16:8} - 16#${LO:8:8} * 256 - 16#${LO:16:8} - 1 ))
+    log "pgbench round $round: segments $LO..$HI, $n full"
+    [ "$n" -ge "$NSEG" ] && break
+done
 SEG=$(q "select pg_walfile_name(pg_switch_wal())")
 for _ in $(seq 1 1200); do
     la=$(q "select coalesce(last_archived_wal,'') from pg_stat_archiver")
@@ -135,25 +147,29 @@ for _ in $(seq 1 1200); do
 done
 
 # ------------------------------------------------------------------ push row
-mapfile -t segs < <(ls -S "$REPO/wal/00000001" | grep -E '^[0-9A-F]{24}$' | head -n $((2 * REPS)))
-[ "${#segs[@]}" -ge $((2 * REPS)) ] || { echo "only ${#segs[@]} segments; lower REPS or raise SCALE" >&2; exit 1; }
+# The first REPS of those segments; each is pushed by both tools, into their own repositories, in an order
+# that flips every repetition: segments differ up to sevenfold in how well they compress
+# (0.47-3.2 MB per 16 MiB), so giving the tools different segments would time the segments.
+mapfile -t segs < <(ls "$REPO/wal/00000001" | grep -E '^[0-9A-F]{24}$' | sort |
+    awk -v lo="$LO" -v hi="$HI" '($1 "") > (lo "") && ($1 "") < (hi "")' | head -n "$NSEG")
+[ "${#segs[@]}" -ge "$NSEG" ] || { echo "only ${#segs[@]} segments; lower REPS/BACKLOG or raise SCALE" >&2; exit 1; }
 for s in "${segs[@]}"; do asp "$AGENT" wal-fetch "$s" "$W/walcopy/$s" --repo-config "$W/nospool.toml"; done
 # PostgreSQL fsyncs a segment before it marks it .ready; the copies just written are still
 # dirty, and their writeback would land in both tools' journal commits during the first pushes.
 sync
 for i in $(seq 1 "$REPS"); do
-    so=${segs[$((2 * i - 2))]}; sp=${segs[$((2 * i - 1))]}
+    s=${segs[$((i - 1))]}
     if [ $((i % 2)) = 1 ]; then
-        push_time push_ours_ms_raw "$i" "$AGENT" wal-push "$W/walcopy/$so" --repo-config "$W/walbench.toml"
-        push_time push_pgbr_ms_raw "$i" $PGBR --stanza=walbench archive-push "$W/walcopy/$sp"
+        push_time push_ours_ms_raw "$i" "$AGENT" wal-push "$W/walcopy/$s" --repo-config "$W/walbench.toml"
+        push_time push_pgbr_ms_raw "$i" $PGBR --stanza=walbench archive-push "$W/walcopy/$s"
     else
-        push_time push_pgbr_ms_raw "$i" $PGBR --stanza=walbench archive-push "$W/walcopy/$sp"
-        push_time push_ours_ms_raw "$i" "$AGENT" wal-push "$W/walcopy/$so" --repo-config "$W/walbench.toml"
+        push_time push_pgbr_ms_raw "$i" $PGBR --stanza=walbench archive-push "$W/walcopy/$s"
+        push_time push_ours_ms_raw "$i" "$AGENT" wal-push "$W/walcopy/$s" --repo-config "$W/walbench.toml"
     fi
 done
 # a repeat of an archived segment (the archive_command retry after a crash)
 for i in $(seq 1 "$REPS"); do
-    push_time push_repeat_ours_ms_raw "$i" "$AGENT" wal-push "$W/walcopy/${segs[$((2 * i - 2))]}" --repo-config "$W/walbench.toml"
+    push_time push_repeat_ours_ms_raw "$i" "$AGENT" wal-push "$W/walcopy/${segs[$((i - 1))]}" --repo-config "$W/walbench.toml"
 done
 
 # ------------------------------------------------------------------ backlog row (async modes)
