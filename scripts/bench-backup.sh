@@ -308,7 +308,9 @@ want full || asp $PGBR --stanza=bench --type=full backup >>"$LOG" 2>&1
 # ------------------------------------------------------------------ 3. incrementals
 if want incr; then
 for i in $(seq 1 "$REPS"); do
+    lo=$(q "select pg_walfile_name(pg_current_wal_lsn())")
     asp "$PGBIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -c 4 -T "$PGBENCH_T" postgres > "$W/pgbench-$i.out" 2>&1
+    echo "$lo $(q "select pg_walfile_name(pg_current_wal_lsn())")" >> "$W/pgbench_wal_ranges.txt"
     rec pgbench_tps "$i" "$(awk '/^tps = /{print $3; exit}' "$W/pgbench-$i.out")"
     q "checkpoint"; wait_archive
     order="ours pgbr"; [ $((i % 2)) = 0 ] && order="pgbr ours"
@@ -328,11 +330,22 @@ wait_archive
 
 fi
 # ------------------------------------------------------------------ 4. one-segment push
-# the largest archived segments: full of pgbench WAL (not the mostly-empty switched ones)
+# Segments written entirely during pgbench -c 4 rounds (OLTP WAL, as pgbackrest-anchor.sh chose
+# them; names strictly between the segments current before and after a round); one round here
+# if the incremental section did not run. Both tools push the same segments (into their own
+# repositories), in an order that flips every repetition: segments differ up to sevenfold in
+# how well they compress.
 if want push; then
-# Both tools push the same segments (into their own repositories), in an order that flips
-# every repetition: segments differ up to sevenfold in how well they compress.
-mapfile -t segs < <(ls -S "$REPO/wal/00000001" | grep -E '^[0-9A-F]{24}$' | head -n "$REPS")
+if [ ! -s "$W/pgbench_wal_ranges.txt" ]; then
+    lo=$(q "select pg_walfile_name(pg_current_wal_lsn())")
+    asp "$PGBIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -c 4 -T "$PGBENCH_T" postgres >>"$LOG" 2>&1
+    echo "$lo $(q "select pg_walfile_name(pg_current_wal_lsn())")" >> "$W/pgbench_wal_ranges.txt"
+fi
+q "select pg_switch_wal()" >/dev/null; wait_archive
+mapfile -t segs < <(ls "$REPO/wal/00000001" | grep -E '^[0-9A-F]{24}$' | sort |
+    awk 'NR==FNR{lo[NR]=$1; hi[NR]=$2; n=NR; next} {for(k=1;k<=n;k++) if (($1 "") > (lo[k] "") && ($1 "") < (hi[k] "")) {print; next}}' "$W/pgbench_wal_ranges.txt" - |
+    head -n "$REPS")
+[ "${#segs[@]}" -ge "$REPS" ] || { echo "only ${#segs[@]} pgbench segments for the push row; raise PGBENCH_T" >&2; exit 1; }
 for s in "${segs[@]}"; do asp "$AGENT" wal-fetch "$s" "$W/walcopy/$s" --repo-config "$W/repo.toml"; done
 sync
 for i in $(seq 1 "$REPS"); do
