@@ -117,15 +117,6 @@ timed() {
     t1=$(now)
     rec "$m" "$r" "$(dt "$t0" "$t1")"
 }
-# push_time METRIC REP CMD...: wall time of CMD alone (timed inside the postgres user's shell,
-# so runuser's own 5-7 ms are not in it, with bash's EPOCHREALTIME, so no `date` process is
-# started and waited for inside the interval either)
-push_time() {
-    local m=$1 r=$2 v; shift 2
-    v=$(asp bash -c 's=${EPOCHREALTIME//[!0-9]/}; "$@" >/dev/null 2>&1 || exit 1; e=${EPOCHREALTIME//[!0-9]/}; echo $(( e - s ))' _ "$@") \
-        || { log "FAILED: $*"; return 1; }
-    rec "$m" "$r" "$(awk -v u="$v" 'BEGIN{printf "%.4f", u/1e6}')"
-}
 wait_archive() {
     local i
     for i in $(seq 1 1200); do
@@ -348,16 +339,7 @@ mapfile -t segs < <(ls "$REPO/wal/00000001" | grep -E '^[0-9A-F]{24}$' | sort |
 [ "${#segs[@]}" -ge "$REPS" ] || { echo "only ${#segs[@]} pgbench segments for the push row; raise PGBENCH_T" >&2; exit 1; }
 for s in "${segs[@]}"; do asp "$AGENT" wal-fetch "$s" "$W/walcopy/$s" --repo-config "$W/repo.toml"; done
 sync
-for i in $(seq 1 "$REPS"); do
-    s=${segs[$((i - 1))]}
-    if [ $((i % 2)) = 1 ]; then
-        push_time push_ours_ms_raw "$i" "$AGENT" wal-push "$W/walcopy/$s" --repo-config "$W/walbench.toml"
-        push_time push_pgbr_ms_raw "$i" $PGBR --stanza=walbench archive-push "$W/walcopy/$s"
-    else
-        push_time push_pgbr_ms_raw "$i" $PGBR --stanza=walbench archive-push "$W/walcopy/$s"
-        push_time push_ours_ms_raw "$i" "$AGENT" wal-push "$W/walcopy/$s" --repo-config "$W/walbench.toml"
-    fi
-done
+push_row
 
 fi
 # ------------------------------------------------------------------ 5. restore

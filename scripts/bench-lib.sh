@@ -98,3 +98,32 @@ machine() {
     echo "machine: $(nproc) vCPU, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -sr), load $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
 }
+
+# The push row of bench-backup.sh and bench-wal.sh. Both need `asp`, `rec` and `log`, plus
+# AGENT, PGBR, REPS, W (with walbench.toml and walcopy/) and the segs array.
+#
+# push_time METRIC REP CMD...: wall time of CMD alone. It is timed inside the postgres user's
+# shell, so runuser's own 5-7 ms are not in it. It reads bash's EPOCHREALTIME, so no `date`
+# process is started and waited for inside the interval either.
+push_time() {
+    local m=$1 r=$2 v; shift 2
+    v=$(asp bash -c 's=${EPOCHREALTIME//[!0-9]/}; "$@" >/dev/null 2>&1 || exit 1; e=${EPOCHREALTIME//[!0-9]/}; echo $(( e - s ))' _ "$@") \
+        || { log "FAILED: $*"; return 1; }
+    rec "$m" "$r" "$(awk -v u="$v" 'BEGIN{printf "%.4f", u/1e6}')"
+}
+
+# push_row: in each of REPS repetitions, both tools push the same segment, each into its own
+# repository. Ours goes first on odd repetitions and second on even ones.
+push_row() {
+    local i s
+    for i in $(seq 1 "$REPS"); do
+        s=${segs[$((i - 1))]}
+        if [ $((i % 2)) = 1 ]; then
+            push_time push_ours_ms_raw "$i" "$AGENT" wal-push "$W/walcopy/$s" --repo-config "$W/walbench.toml"
+            push_time push_pgbr_ms_raw "$i" $PGBR --stanza=walbench archive-push "$W/walcopy/$s"
+        else
+            push_time push_pgbr_ms_raw "$i" $PGBR --stanza=walbench archive-push "$W/walcopy/$s"
+            push_time push_ours_ms_raw "$i" "$AGENT" wal-push "$W/walcopy/$s" --repo-config "$W/walbench.toml"
+        fi
+    done
+}

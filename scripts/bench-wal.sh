@@ -2,8 +2,8 @@
 # bench-wal.sh -- the WAL rows of bench-backup.sh alone, for a faster loop (issues 3 and 4):
 #   push:   `dr-agent wal-push` vs `pgbackrest archive-push` (zst, archive-async=n) of real
 #           16 MiB pgbench segments, both tools the same segment in each repetition, order
-#           flipping every repetition, timed inside the postgres user's shell exactly as
-#           bench-backup.sh's push_time does; medians.
+#           flipping every repetition, timed by bench-lib.sh's push_time inside the postgres
+#           user's shell; medians.
 #   replay: (REPLAY_MB > 0) replay of ~REPLAY_MB MB of archived WAL through
 #           `restore_command = dr-agent wal-fetch` vs the same WAL already in pg_wal (crash
 #           recovery from backup_label), as bench-backup.sh's row 7; medians.
@@ -49,13 +49,6 @@ on_exit() {
     exit $rc
 }
 trap on_exit EXIT
-# the same measurement as bench-backup.sh's push_time
-push_time() {
-    local m=$1 r=$2 v; shift 2
-    v=$(asp bash -c 's=${EPOCHREALTIME//[!0-9]/}; "$@" >/dev/null 2>&1 || exit 1; e=${EPOCHREALTIME//[!0-9]/}; echo $(( e - s ))' _ "$@") \
-        || { log "FAILED: $*"; return 1; }
-    rec "$m" "$r" "$(awk -v u="$v" 'BEGIN{printf "%.4f", u/1e6}')"
-}
 wait_promoted() {
     local port=$1 i
     for i in $(seq 1 6000); do
@@ -157,16 +150,7 @@ for s in "${segs[@]}"; do asp "$AGENT" wal-fetch "$s" "$W/walcopy/$s" --repo-con
 # PostgreSQL fsyncs a segment before it marks it .ready; the copies just written are still
 # dirty, and their writeback would land in both tools' journal commits during the first pushes.
 sync
-for i in $(seq 1 "$REPS"); do
-    s=${segs[$((i - 1))]}
-    if [ $((i % 2)) = 1 ]; then
-        push_time push_ours_ms_raw "$i" "$AGENT" wal-push "$W/walcopy/$s" --repo-config "$W/walbench.toml"
-        push_time push_pgbr_ms_raw "$i" $PGBR --stanza=walbench archive-push "$W/walcopy/$s"
-    else
-        push_time push_pgbr_ms_raw "$i" $PGBR --stanza=walbench archive-push "$W/walcopy/$s"
-        push_time push_ours_ms_raw "$i" "$AGENT" wal-push "$W/walcopy/$s" --repo-config "$W/walbench.toml"
-    fi
-done
+push_row
 # a repeat of an archived segment (the archive_command retry after a crash)
 for i in $(seq 1 "$REPS"); do
     push_time push_repeat_ours_ms_raw "$i" "$AGENT" wal-push "$W/walcopy/${segs[$((i - 1))]}" --repo-config "$W/walbench.toml"
