@@ -197,6 +197,28 @@ async fn t10_full_incr_restore_verify_prune() {
         "{text}"
     );
 
+    // A restore that meets them fails naming one, and its target never appears: the file
+    // creator that runs beside the chunk pipeline is stopped and waited for before the error
+    // returns, and a second attempt starts by clearing the leftover `.partial`.
+    let failed = root.join("restore-corrupt");
+    for attempt in 0..2 {
+        let err = restore(
+            &repo,
+            &incr.id,
+            &failed,
+            &RestoreOptions::default(),
+            &cancel,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(&bad.object_name()) || err.contains(&gone.object_name()),
+            "attempt {attempt}: {err}"
+        );
+        assert!(!failed.exists(), "attempt {attempt}: {err}");
+    }
+
     // --- prune: an orphan chunk (as a failed backup leaves) goes, live chunks stay
     let orphan_id = repo.key().hash(b"orphan chunk of an interrupted backup");
     repo.put_chunk(
