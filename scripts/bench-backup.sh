@@ -195,20 +195,7 @@ echo $! >> "$WORK/pids"
 
 # ------------------------------------------------------------------ cluster
 log "initdb on port $PORT"
-asp "$PGBIN/initdb" -D "$DATA" -U postgres --auth=trust >/dev/null
-cat >> "$DATA/postgresql.conf" <<EOF
-listen_addresses = '127.0.0.1'
-port = $PORT
-unix_socket_directories = '$SOCK'
-shared_buffers = 1GB
-max_wal_size = 4GB
-checkpoint_timeout = 30min
-wal_level = replica
-max_wal_senders = 4
-archive_mode = on
-archive_command = '$W/archive-dr-agent-pgbackrest.sh %p'
-logging_collector = off
-EOF
+bench_initdb "$DATA" "$PORT" "$SOCK" "$W/archive-dr-agent-pgbackrest.sh %p"
 asp "$PGBIN/pg_ctl" -D "$DATA" -l "$W/pg-primary.log" -w start >/dev/null
 asp "$AGENT" repo init --repo-config "$W/repo.toml" >>"$LOG" 2>&1
 asp "$AGENT" repo init --repo-config "$W/walbench.toml" >>"$LOG" 2>&1

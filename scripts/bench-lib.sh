@@ -127,3 +127,24 @@ push_row() {
         fi
     done
 }
+
+# bench_initdb DATA PORT SOCKET_DIR ARCHIVE_COMMAND: a scratch PostgreSQL 15 cluster made by
+# the postgres user, set up as every backup bench runs it (1 GB shared buffers, archiving on,
+# checkpoints only when asked for).
+bench_initdb() {
+    local data=$1 port=$2 sock=$3 arch=$4
+    runuser -u postgres -- /usr/lib/postgresql/15/bin/initdb -D "$data" -U postgres --auth=trust >/dev/null
+    cat >> "$data/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$sock'
+shared_buffers = 1GB
+max_wal_size = 4GB
+checkpoint_timeout = 30min
+wal_level = replica
+max_wal_senders = 4
+archive_mode = on
+archive_command = '$arch'
+logging_collector = off
+EOF
+}

@@ -54,17 +54,7 @@ restic_() { asp env RESTIC_PASSWORD="$RESTIC_PASSWORD" restic --no-cache -q -r "
 
 chown -R postgres:postgres "$W"
 { machine; echo "dr-agent: $(cd "$ROOT" && git describe --always --dirty)"; echo "$(restic version)"; } | tee "$W/env.txt" >&2
-asp "$PGBIN/initdb" -D "$DATA" -U postgres --auth=trust >/dev/null
-cat >> "$DATA/postgresql.conf" <<EOF
-listen_addresses = '127.0.0.1'
-port = $PORT
-unix_socket_directories = '$W/sock'
-shared_buffers = 1GB
-max_wal_size = 4GB
-wal_level = replica
-archive_mode = on
-archive_command = '/bin/true'
-EOF
+bench_initdb "$DATA" "$PORT" "$W/sock" /bin/true
 asp "$PGBIN/pg_ctl" -D "$DATA" -l "$W/pg.log" -w start >/dev/null
 log "pgbench -i -s $SCALE"
 asp "$PGBIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -i -s "$SCALE" -q postgres >>"$LOG" 2>&1

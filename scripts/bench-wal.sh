@@ -99,19 +99,7 @@ chown -R postgres:postgres "$W"
 ( while true; do echo "$(date +%T) $(cut -d' ' -f1 /proc/loadavg)" >> "$W/load.log"; sleep 5; done ) &
 echo $! >> "$WORK/pids"
 
-asp "$PGBIN/initdb" -D "$DATA" -U postgres --auth=trust >/dev/null
-cat >> "$DATA/postgresql.conf" <<EOF
-listen_addresses = '127.0.0.1'
-port = $PORT
-unix_socket_directories = '$W/sock'
-shared_buffers = 1GB
-max_wal_size = 4GB
-checkpoint_timeout = 30min
-wal_level = replica
-archive_mode = on
-archive_command = '$W/archive.sh %p'
-logging_collector = off
-EOF
+bench_initdb "$DATA" "$PORT" "$W/sock" "$W/archive.sh %p"
 asp "$PGBIN/pg_ctl" -D "$DATA" -l "$W/pg.log" -w start >/dev/null
 asp "$AGENT" repo init --repo-config "$W/repo.toml" >>"$LOG" 2>&1
 asp "$AGENT" repo init --repo-config "$W/walbench.toml" >>"$LOG" 2>&1
