@@ -16,9 +16,10 @@
 //! calling thread and one more; up to four on bigger machines), each held on its own CPU
 //! while they work (left to the scheduler, the two often took turns on one core: see
 //! [`Placement`]): a piece is hashed (a BLAKE3 subtree; the pieces' hashes combine into the
-//! hash of the whole) and compressed into its own zstd frame while it is in the core's cache. Reading the whole segment into one fresh buffer
-//! cost as much CPU in page faults, zeroing and unmapping as zstd did, and copying pieces into
-//! reused buffers still cost 12 % of a push (`map_segment` says why the mapping is sound).
+//! hash of the whole) and compressed into its own zstd frame while it is in the core's cache.
+//! Reading the whole segment into one fresh buffer cost as much CPU in page faults, zeroing
+//! and unmapping as zstd did, and copying pieces into reused buffers still cost 12 % of a
+//! push (`map_segment` says why the mapping is sound).
 //! Whichever worker completes the next frame in file order encrypts it (XChaCha20, and
 //! Poly1305 over the ciphertext as it goes) and writes it into a temp file under `.tmp/`, then
 //! any frames after it that are ready: no thread is woken per frame, and a frame's buffer is reused once it is
@@ -518,10 +519,10 @@ fn map_segment(file: &std::fs::File, path: &Path, len: usize) -> BackupResult<me
     // truncates while its archive_command runs (a segment is recycled only after archiving it
     // succeeded), and the read-ahead pusher reads only such segments. A file already shorter
     // than `len` is refused below, before it is mapped. Outside that contract a truncation
-    // while the bytes are read raises SIGBUS (the wal-push process
-    // dies, non-zero, nothing is linked into the repository; the agent daemon never maps
-    // segments) and a concurrent rewrite can make a piece's hash disagree with its frame,
-    // which wal-fetch and verify detect; neither stores anything silently.
+    // while the bytes are read raises SIGBUS (the wal-push process dies, non-zero, nothing is
+    // linked into the repository; the agent daemon never maps segments) and a concurrent
+    // rewrite can make a piece's hash disagree with its frame, which wal-fetch and verify
+    // detect; neither stores anything silently.
     let size = file
         .metadata()
         .map_err(|e| BackupError::io(format!("stat {}", path.display()), e))?
