@@ -121,6 +121,9 @@ for round in 1 2 3 4 5 6; do
     log "pgbench round $round: segments $LO..$HI, $n full"
     [ "$n" -ge "$NSEG" ] && break
 done
+# An idle server for the push row (see bench-backup.sh's section 4): vacuum and checkpoint
+# after the rounds, their WAL archived with the rest before the first push.
+q "vacuum" >/dev/null; q "checkpoint" >/dev/null
 SEG=$(q "select pg_walfile_name(pg_switch_wal())")
 for _ in $(seq 1 1200); do
     la=$(q "select coalesce(last_archived_wal,'') from pg_stat_archiver")
@@ -137,7 +140,7 @@ mapfile -t segs < <(ls "$REPO/wal/00000001" | grep -E '^[0-9A-F]{24}$' | sort |
 for s in "${segs[@]}"; do asp "$AGENT" wal-fetch "$s" "$W/walcopy/$s" --repo-config "$W/nospool.toml"; done
 # PostgreSQL fsyncs a segment before it marks it .ready; the copies just written are still
 # dirty, and their writeback would land in both tools' journal commits during the first pushes.
-sync
+sync; sleep 5
 push_row
 # a repeat of an archived segment (the archive_command retry after a crash)
 for i in $(seq 1 "$REPS"); do
