@@ -73,14 +73,6 @@ SOCK=$W/sock
 mkdir -p "$SOCK" "$PGBR_REPO" "$W/pgbr-log" "$W/pgbr-lock" "$W/pgbr-spool" "$W/walcopy" "$W/spool" "$W/localwal"
 : > "$RAW"
 
-asp() { runuser -u postgres -- "$@"; }
-psql_() { local p=$1; shift; asp "$PGBIN/psql" -X -q -h 127.0.0.1 -p "$p" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@"; }
-q() { psql_ "$PORT" -Atc "$1"; }
-now() { date +%s.%N; }
-dt() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", b-a}'; }
-log() { echo "[$(date +%T)] $*" | tee -a "$LOG" >&2; }
-rec() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$RAW"; log "RESULT $1 #$2 = $3"; }
-bytes() { du -sb "$@" 2>/dev/null | awk '{s+=$1} END{print s+0}'; }
 
 stop_pg() { # stop one of OUR instances: pg_ctl signals the PID in its postmaster.pid
     local d=$1
@@ -108,14 +100,6 @@ timed_rss() {
     t1=$(now)
     rec "$m" "$r" "$(dt "$t0" "$t1")"
     rec "${m}_rss_mib" "$r" "$(awk '{printf "%.1f", $1/1024}' "$W/time.out")"
-}
-timed() {
-    local m=$1 r=$2; shift 2
-    local t0 t1
-    t0=$(now)
-    "$@" >>"$LOG" 2>&1 || { log "FAILED: $*"; tail -20 "$LOG" >&2; return 1; }
-    t1=$(now)
-    rec "$m" "$r" "$(dt "$t0" "$t1")"
 }
 wait_archive() {
     local i
@@ -455,10 +439,8 @@ echo both > "$W/archive.mode"
 
 fi
 # ------------------------------------------------------------------ summary
-med() { awk -F'\t' -v m="$1" '$1==m{print $3}' "$RAW" | sort -g | awk '{v[NR]=$1} END{if(!NR){print "n/a"; exit} printf "%s", v[int((NR+1)/2)]}'; }
 rng() { awk -F'\t' -v m="$1" '$1==m{print $3}' "$RAW" | sort -g | awk '{v[NR]=$1} END{if(NR) printf "%s..%s, n=%d", v[1], v[NR], NR}'; }
 ms() { awk -v v="$1" 'BEGIN{printf "%.0f", v*1000}'; }
-mb() { awk -v v="$1" 'BEGIN{printf "%.1f", v/1e6}'; }
 # A section left out with ONLY (or without samples) is "n/a", never a verdict.
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a=="n/a" || b=="n/a" || a+0==0 || b+0==0) print "n/a"; else printf "%.3f", a/b}'; }
 verdict() { case "$1" in n/a|-nan|nan|"") echo "not measured"; return;; esac

@@ -99,8 +99,31 @@ machine() {
     echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
 }
 
-# The push row of bench-backup.sh and bench-wal.sh. Both need `asp`, `rec` and `log`, plus
-# AGENT, PGBR, REPS, W (with walbench.toml and walcopy/) and the segs array.
+# Helpers of the PostgreSQL benches (bench-backup.sh, bench-wal.sh, bench-restic.sh). They
+# read the caller's PGBIN, PORT, LOG (the run log) and RAW (metric, rep, value per line).
+asp() { runuser -u postgres -- "$@"; }
+psql_() { local p=$1; shift; asp "$PGBIN/psql" -X -q -h 127.0.0.1 -p "$p" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@"; }
+q() { psql_ "$PORT" -Atc "$1"; }
+now() { date +%s.%N; }
+dt() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", b-a}'; }
+log() { echo "[$(date +%T)] $*" | tee -a "$LOG" >&2; }
+rec() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$RAW"; log "RESULT $1 #$2 = $3"; }
+bytes() { du -sb "$@" 2>/dev/null | awk '{s+=$1} END{print s+0}'; }
+# timed METRIC REP CMD...: record CMD's wall time in seconds (its output goes to LOG).
+timed() {
+    local m=$1 r=$2; shift 2
+    local t0 t1
+    t0=$(now)
+    "$@" >>"$LOG" 2>&1 || { log "FAILED: $*"; tail -20 "$LOG" >&2; return 1; }
+    t1=$(now)
+    rec "$m" "$r" "$(dt "$t0" "$t1")"
+}
+# med METRIC: the median of METRIC's values in RAW ("n/a" without any); mb BYTES: megabytes.
+med() { awk -F'\t' -v m="$1" '$1==m{print $3}' "$RAW" | sort -g | awk '{v[NR]=$1} END{if(!NR){print "n/a"; exit} printf "%s", v[int((NR+1)/2)]}'; }
+mb() { awk -v v="$1" 'BEGIN{printf "%.1f", v/1e6}'; }
+
+# The push row of bench-backup.sh and bench-wal.sh: the helpers above plus the caller's AGENT,
+# PGBR, REPS, W (with walbench.toml and walcopy/) and the segs array.
 #
 # push_time METRIC REP CMD...: wall time of CMD alone. It is timed inside the postgres user's
 # shell, so runuser's own 5-7 ms are not in it. It reads bash's EPOCHREALTIME, so no `date`

@@ -30,14 +30,6 @@ W=$WORK; chmod 755 "$W"
 DATA=$W/data; RAW=$W/raw.tsv; LOG=$W/run.log
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
 mkdir -p "$W/sock"; : > "$RAW"
-asp() { runuser -u postgres -- "$@"; }
-q() { asp "$PGBIN/psql" -X -q -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -Atc "$1"; }
-now() { date +%s.%N; }
-log() { echo "[$(date +%T)] $*" | tee -a "$LOG" >&2; }
-rec() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$RAW"; log "RESULT $1 #$2 = $3"; }
-timed() { local m=$1 r=$2 t0 t1; shift 2; t0=$(now); "$@" >>"$LOG" 2>&1 || { log "FAILED: $*"; exit 1; }; t1=$(now); rec "$m" "$r" "$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", b-a}')"; }
-bytes() { du -sb "$@" 2>/dev/null | awk '{s+=$1} END{print s+0}'; }
-med() { awk -F'\t' -v m="$1" '$1==m{print $3}' "$RAW" | sort -g | awk '{a[NR]=$1} END{if(NR) print a[int((NR+1)/2)]; else print "n/a"}'; }
 on_exit() {
     local rc=$?; set +e
     [ -f "$DATA/postmaster.pid" ] && asp "$PGBIN/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null 2>&1
@@ -100,7 +92,6 @@ for i in $(seq 1 "$REPS"); do
     done
 done
 
-mb() { awk -v b="$1" 'BEGIN{printf "%.1f", b/1e6}'; }
 {
     echo "Command: \`scripts/bench-restic.sh\` (SCALE=$SCALE REPS=$REPS PGBENCH_T=$PGBENCH_T)"
     echo; sed 's/^/    /' "$W/env.txt"; echo

@@ -33,13 +33,6 @@ W=$WORK; chmod 755 "$W"
 DATA=$W/data; REPO=$W/repo; RAW=$W/raw.tsv; LOG=$W/run.log
 mkdir -p "$W/sock" "$W/pgbr" "$W/pgbr-log" "$W/pgbr-lock" "$W/pgbr-spool" "$W/walcopy" "$W/spool" "$W/localwal" "$W/arch"
 : > "$RAW"
-asp() { runuser -u postgres -- "$@"; }
-psql_() { local p=$1; shift; asp "$PGBIN/psql" -X -q -h 127.0.0.1 -p "$p" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@"; }
-q() { psql_ "$PORT" -Atc "$1"; }
-now() { date +%s.%N; }
-dt() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", b-a}'; }
-log() { echo "[$(date +%T)] $*" | tee -a "$LOG" >&2; }
-rec() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$RAW"; log "RESULT $1 #$2 = $3"; }
 stop_pg() { [ -f "$1/postmaster.pid" ] && asp "$PGBIN/pg_ctl" -D "$1" -m fast -w -t 60 stop >/dev/null 2>&1 || true; }
 on_exit() {
     local rc=$?; set +e
@@ -224,7 +217,6 @@ if [ "$REPLAY_MB" -gt 0 ]; then
 fi
 
 # ------------------------------------------------------------------ summary
-med() { awk -F'\t' -v m="$1" '$1==m{print $3}' "$RAW" | sort -g | awk '{v[NR]=$1} END{if(!NR){print "n/a"; exit} printf "%s", v[int((NR+1)/2)]}'; }
 rng() { awk -F'\t' -v m="$1" '$1==m{print $3}' "$RAW" | sort -g | awk '{v[NR]=$1} END{if(NR) printf "%s..%s, n=%d", v[1], v[NR], NR}'; }
 ms() { awk -v v="$1" 'BEGIN{ if (v=="n/a") print v; else printf "%.1f", v*1000}'; }
 rngms() { awk -F'\t' -v m="$1" '$1==m{print $3*1000}' "$RAW" | sort -g | awk '{v[NR]=$1} END{if(NR) printf "%.1f..%.1f, n=%d", v[1], v[NR], NR}'; }
