@@ -235,6 +235,73 @@ async fn t10_s3_killed_mid_backup_then_next_succeeds() {
     assert_eq!(fingerprint(&restored).await, expected);
     restored.stop();
 
+    // --- wal-push through opendal: a repeat of the same segment succeeds, a different file
+    // under that name is refused and changes nothing. An object the fs push wrote (whose
+    // header hash is of the stored bytes), copied here as a tier copy would, is recognised
+    // the same way.
+    let segment = |fill: u8| -> Vec<u8> {
+        (0..16usize << 20)
+            .map(|i| {
+                if i % 7 == 0 {
+                    (i >> 10) as u8 ^ fill
+                } else {
+                    fill
+                }
+            })
+            .collect()
+    };
+    let push = |p: &std::path::Path, cfg: &std::path::Path| {
+        Command::new(agent_exe())
+            .arg("wal-push")
+            .arg(p)
+            .arg("--repo-config")
+            .arg(cfg)
+            .output()
+            .unwrap()
+    };
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let walsrc = root.join("walsrc");
+    std::fs::create_dir_all(&walsrc).unwrap();
+    let fs_side = root.join("fs-side");
+    std::fs::create_dir_all(&fs_side).unwrap();
+    std::fs::copy(root.join("repo.key"), fs_side.join("repo.key")).unwrap();
+    let fs_cfg = fs_repo_config(&fs_side, &fs_side.join("repo"), "");
+    Repository::init(&RepoConfig::load(&fs_cfg, &env).unwrap())
+        .await
+        .unwrap();
+    for (seg, via_fs) in [
+        ("0000000100000000000000A1", false),
+        ("0000000100000000000000A2", true),
+    ] {
+        let name = format!("wal/00000001/{seg}");
+        let wal = walsrc.join(seg);
+        std::fs::write(&wal, segment(3)).unwrap();
+        if via_fs {
+            let out = push(&wal, &fs_cfg);
+            assert!(out.status.success(), "fs push: {}", stderr(&out));
+            let raw = std::fs::read(fs_side.join("repo").join(&name)).unwrap();
+            assert_eq!(raw[4], 3, "zstd, hash of the stored bytes");
+            direct.put_raw(&name, raw).await.unwrap();
+        } else {
+            let out = push(&wal, &cfg_path);
+            assert!(out.status.success(), "s3 push: {}", stderr(&out));
+        }
+        let stored = direct.get_raw(&name).await.unwrap().unwrap();
+        let out = push(&wal, &cfg_path);
+        assert!(out.status.success(), "repeat of {seg}: {}", stderr(&out));
+        let mut other = segment(3);
+        other[(8 << 20) + 5] ^= 1;
+        std::fs::write(&wal, &other).unwrap();
+        let out = push(&wal, &cfg_path);
+        assert!(!out.status.success(), "a different {seg} must be refused");
+        assert!(
+            stderr(&out).contains("different content"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(direct.get_raw(&name).await.unwrap().unwrap() == stored);
+    }
+
     // --- moto itself killed: wal-push exits non-zero so PostgreSQL retries
     drop(fwd);
     let _ = moto.0.kill();

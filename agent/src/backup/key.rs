@@ -8,11 +8,21 @@
 //! 0      4     5            37           61
 //! | YDR1 | flg | hash (32)  | nonce (24) | ciphertext … | tag (16) |
 //! flg bit 0: plaintext was zstd-compressed before encryption
-//! hash: BLAKE3 keyed with the id key, of the *uncompressed* plaintext (= chunk id for chunks)
+//! flg bit 1: `hash` is of the stored bytes (the zstd stream as encrypted), not the plaintext
+//! hash: BLAKE3 keyed with the id key, of the *uncompressed* plaintext (= chunk id for chunks),
+//!       or with bit 1 of the stored bytes
 //! AEAD: XChaCha20-Poly1305(enc key, nonce, aad = "YDR1" ‖ object name ‖ hash)
 //! ```
 //! Invariant: a successfully opened object is byte-for-byte the plaintext that was sealed under
-//! that name (authenticated by the AEAD tag and re-checked against `hash` after decompression).
+//! that name (authenticated by the AEAD tag and re-checked against `hash`: after decompression,
+//! or with bit 1 before it).
+//!
+//! Bit 1 is what the fs `wal-push` writes (`StreamSeal`). A WAL object is named by its
+//! segment, not by its content, so nothing needs the plaintext's hash, and hashing the 16 MiB
+//! plaintext was 9 % of a push's CPU where the ~2 MiB zstd stream costs an eighth of that
+//! (docs/benchmarks.md, "wal-push hashes what it stores"). A repeat push compares plaintexts
+//! instead (`wal_push::compare_archived`). Readers without bit 1 (none were released) would
+//! report such an object as a hash mismatch, never open it wrongly.
 //!
 //! Restore trusts the tag ([`RepoKey::open_chunk_into`]): a valid tag proves that this
 //! (name, hash, compressed bytes) triple was produced together by a holder of the key, and
@@ -33,9 +43,6 @@ use std::cell::RefCell;
 use std::fmt;
 use std::path::Path;
 
-use blake3::hazmat::{
-    ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
-};
 use chacha20::XChaCha20;
 use chacha20::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
@@ -48,6 +55,8 @@ use super::{BackupError, BackupResult};
 
 const MAGIC: &[u8; 4] = b"YDR1";
 const FLAG_ZSTD: u8 = 1;
+/// `hash` is of the stored bytes, not the plaintext (module docs).
+const FLAG_STORED_HASH: u8 = 2;
 /// Bytes before the ciphertext.
 pub const HEADER_LEN: usize = 4 + 1 + 32 + 24;
 pub const TAG_LEN: usize = 16;
@@ -294,66 +303,6 @@ impl RepoKey {
         Ok(out)
     }
 
-    /// BLAKE3 chaining value of the piece `data` of a larger plaintext, starting at `offset`:
-    /// the pieces of one plaintext hashed on several threads combine into its
-    /// [`RepoKey::hash`] ([`RepoKey::merge_piece_hashes`]). Every piece but the last must be
-    /// `piece` bytes, a power of two of at least [`blake3::CHUNK_LEN`], and `offset` a multiple
-    /// of it.
-    pub fn piece_hash(&self, offset: u64, data: &[u8]) -> ChainingValue {
-        let mut h = self.hasher();
-        h.set_input_offset(offset);
-        h.update(data);
-        h.finalize_non_root()
-    }
-
-    /// The hash of a plaintext of `len` bytes from the chaining values of its pieces of
-    /// `piece` bytes (at least two), in order; equal to [`RepoKey::hash`] of the whole.
-    pub fn merge_piece_hashes(
-        &self,
-        cvs: &[ChainingValue],
-        len: u64,
-        piece: u64,
-    ) -> BackupResult<ChunkId> {
-        if cvs.len() < 2
-            || !piece.is_power_of_two()
-            || piece < blake3::CHUNK_LEN as u64
-            || len.div_ceil(piece) != cvs.len() as u64
-        {
-            return Err(BackupError::Invalid(format!(
-                "{} piece hashes of {piece} bytes cannot make the hash of {len} bytes",
-                cvs.len()
-            )));
-        }
-        // BLAKE3's tree: the left subtree holds the largest power of two of chunks below the
-        // total; with equal power-of-two pieces that is always a whole number of pieces.
-        fn split(
-            key: &[u8; 32],
-            cvs: &[ChainingValue],
-            len: u64,
-            piece: u64,
-        ) -> (ChainingValue, ChainingValue) {
-            let left = left_subtree_len(len);
-            let n = usize::try_from(left / piece).map_or(cvs.len(), |n| n.min(cvs.len()));
-            (
-                subtree(key, &cvs[..n], left, piece),
-                subtree(key, &cvs[n..], len - left, piece),
-            )
-        }
-        fn subtree(key: &[u8; 32], cvs: &[ChainingValue], len: u64, piece: u64) -> ChainingValue {
-            match cvs {
-                [one] => *one,
-                _ => {
-                    let (a, b) = split(key, cvs, len, piece);
-                    merge_subtrees_non_root(&a, &b, Mode::KeyedHash(key))
-                }
-            }
-        }
-        let (a, b) = split(&self.id_key, cvs, len, piece);
-        Ok(ChunkId(
-            *merge_subtrees_root(&a, &b, Mode::KeyedHash(&self.id_key)).as_bytes(),
-        ))
-    }
-
     /// Start sealing a compressed object whose zstd frames arrive one by one, in order
     /// ([`StreamSeal`]): wal-push encrypts and writes each frame while later ones are still
     /// being compressed.
@@ -373,6 +322,7 @@ impl RepoKey {
         let mut r_only = [0u8; 32];
         r_only[..16].copy_from_slice(&r);
         StreamSeal {
+            hasher: self.hasher(),
             cipher,
             mac: Poly1305::new((&r_only).into()),
             r,
@@ -384,8 +334,8 @@ impl RepoKey {
         }
     }
 
-    /// The plaintext hash recorded in a sealed object's header (not authenticated until
-    /// [`RepoKey::open`]; used to compare a WAL file with an archived one cheaply).
+    /// The hash recorded in a sealed object's header: of the plaintext, or of the stored
+    /// bytes (flag bit 1, see the module docs). Not authenticated until [`RepoKey::open`].
     pub fn peek_hash(name: &str, sealed: &[u8]) -> BackupResult<ChunkId> {
         if sealed.len() < HEADER_LEN || &sealed[..4] != MAGIC {
             return Err(BackupError::Corrupt {
@@ -398,8 +348,9 @@ impl RepoKey {
         Ok(ChunkId(h))
     }
 
-    /// Authenticate, decrypt, decompress and re-hash a sealed object.
-    /// `max_plain` bounds the decompressed size.
+    /// Authenticate, decrypt, decompress and re-hash a sealed object (the plaintext, or the
+    /// stored bytes before decompressing them when flag bit 1 says the hash is of those).
+    /// `max_plain` bounds the decompressed size. Returns the plaintext and the header's hash.
     pub fn open(
         &self,
         name: &str,
@@ -429,6 +380,10 @@ impl RepoKey {
                 &tag,
             )
             .map_err(|_| corrupt("authentication failed (damaged, moved, or another key)"))?;
+        let stored_hash = flags & FLAG_STORED_HASH != 0;
+        if stored_hash && self.hash(&sealed[HEADER_LEN..]) != hash {
+            return Err(corrupt("content hash mismatch (stored bytes)"));
+        }
         let plain = if flags & FLAG_ZSTD != 0 {
             decompress(&sealed[HEADER_LEN..], max_plain)
                 .map_err(|e| corrupt(&format!("zstd: {e}")))?
@@ -436,7 +391,7 @@ impl RepoKey {
             sealed.drain(..HEADER_LEN);
             sealed
         };
-        if self.hash(&plain) != hash {
+        if !stored_hash && self.hash(&plain) != hash {
             return Err(corrupt("content hash mismatch"));
         }
         Ok((plain, hash))
@@ -536,14 +491,17 @@ impl RepoKey {
     }
 }
 
-/// A sealed object built piece by piece: exactly the bytes [`RepoKey::seal_compressed`] makes
-/// of the same frames. XChaCha20-Poly1305 is a stream cipher plus a MAC over
-/// `aad ‖ pad ‖ ciphertext ‖ pad ‖ lengths`, and the aad holds the plaintext hash, known only
-/// once the last frame is in. So the MAC runs over each frame as it is encrypted, as if the
+/// A sealed object built frame by frame: the frames' zstd stream, encrypted as
+/// [`RepoKey::seal_compressed`] would with the same nonce, under flag bit 1 (the header's
+/// hash is of that stream, hashed here as the frames pass: see the module docs).
+/// XChaCha20-Poly1305 is a stream cipher plus a MAC over `aad ‖ pad ‖ ciphertext ‖ pad ‖
+/// lengths`, and the aad holds the hash, known only once the last frame is in. So the MAC runs over each frame as it is encrypted, as if the
 /// aad were empty, and [`StreamSeal::finish`] puts the aad in front with Poly1305's algebra:
 /// neither the frames (2 MiB of fresh pages per segment) are kept nor a pass over them
 /// remains after the last one.
 pub(crate) struct StreamSeal {
+    /// Keyed BLAKE3 of the frames so far (before encryption).
+    hasher: blake3::Hasher,
     cipher: XChaCha20,
     /// Poly1305 with the object's r and s = 0, over the ciphertext so far.
     mac: Poly1305,
@@ -557,8 +515,9 @@ pub(crate) struct StreamSeal {
 }
 
 impl StreamSeal {
-    /// Encrypt the next frame in place and add it to the MAC.
+    /// Hash the next frame, encrypt it in place and add it to the MAC.
     pub(crate) fn encrypt(&mut self, frame: &mut [u8]) {
+        self.hasher.update(frame);
         self.cipher.apply_keystream(frame);
         self.len += frame.len() as u64;
         // The ciphertext as one stream of 16-byte blocks across the frame boundaries.
@@ -585,13 +544,13 @@ impl StreamSeal {
         self.len
     }
 
-    /// The header (before the ciphertext) and the tag (after it), given the object name and
-    /// the plaintext hash.
+    /// The header (before the ciphertext) and the tag (after it) for the object `name`, and
+    /// the hash in the header (of the frames, flag bit 1).
     pub(crate) fn finish(
         mut self,
         name: &str,
-        hash: ChunkId,
-    ) -> BackupResult<([u8; HEADER_LEN], [u8; TAG_LEN])> {
+    ) -> BackupResult<([u8; HEADER_LEN], [u8; TAG_LEN], ChunkId)> {
+        let hash = ChunkId(*self.hasher.finalize().as_bytes());
         let aad = aad(name, &hash);
         self.mac.update_padded(&self.carry[..self.held]);
         let mut lengths = [0u8; 16];
@@ -607,10 +566,10 @@ impl StreamSeal {
         })?;
         let mut header = [0u8; HEADER_LEN];
         header[..4].copy_from_slice(MAGIC);
-        header[4] = FLAG_ZSTD;
+        header[4] = FLAG_ZSTD | FLAG_STORED_HASH;
         header[5..37].copy_from_slice(&hash.0);
         header[37..].copy_from_slice(&self.nonce);
-        Ok((header, tag))
+        Ok((header, tag, hash))
     }
 }
 
@@ -931,56 +890,11 @@ mod tests {
     }
 
     #[test]
-    fn t60_piece_hashes_merge_to_the_whole_hash() {
-        let k = key();
-        let data: Vec<u8> = (0..(3usize << 20) + 777)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect();
-        for len in [
-            2048usize,
-            2049,
-            4096,
-            5000,
-            1 << 20,
-            (1 << 20) + 1,
-            3 << 20,
-            data.len(),
-        ] {
-            for piece in [1024usize, 4096, 256 << 10, 1 << 20] {
-                if len <= piece {
-                    continue;
-                }
-                let cvs: Vec<_> = data[..len]
-                    .chunks(piece)
-                    .enumerate()
-                    .map(|(i, p)| k.piece_hash((i * piece) as u64, p))
-                    .collect();
-                assert_eq!(
-                    k.merge_piece_hashes(&cvs, len as u64, piece as u64)
-                        .unwrap(),
-                    k.hash(&data[..len]),
-                    "len {len} piece {piece}"
-                );
-            }
-        }
-        let cvs = [k.piece_hash(0, &data[..4096])];
-        assert!(k.merge_piece_hashes(&cvs, 4096, 4096).is_err(), "one piece");
-        let cvs: Vec<_> = (0..3)
-            .map(|i| k.piece_hash(i * 2048, &data[..2048]))
-            .collect();
-        assert!(
-            k.merge_piece_hashes(&cvs, 9000, 3000).is_err(),
-            "not a power of two"
-        );
-    }
-
-    #[test]
     fn t70_stream_seal_equals_seal_compressed() {
         let k = key();
         let plain: Vec<u8> = (0..(1usize << 20) + 333)
             .map(|i| if i % 5 == 0 { (i >> 7) as u8 } else { 1 })
             .collect();
-        let hash = k.hash(&plain);
         // Frame sizes around the 16-byte MAC blocks: empty, short, odd, exact multiples.
         for piece in [1usize, 7, 16, 17, 4096, 100_000, 256 << 10] {
             let frames: Vec<Vec<u8>> = plain
@@ -989,11 +903,6 @@ mod tests {
                 .map(|p| zstd::bulk::compress(p, 1).unwrap())
                 .collect();
             let plain_len: usize = plain.chunks(piece).take(40).map(<[u8]>::len).sum();
-            let hash = if plain_len == plain.len() {
-                hash
-            } else {
-                k.hash(&plain[..plain_len])
-            };
             let mut s = k.seal_stream();
             let mut enc = frames.clone();
             for f in &mut enc {
@@ -1001,7 +910,10 @@ mod tests {
             }
             assert_eq!(s.len(), frames.iter().map(|f| f.len() as u64).sum::<u64>());
             let nonce = s.nonce;
-            let (header, tag) = s.finish("wal/00000001/x", hash).unwrap();
+            let (header, tag, hash) = s.finish("wal/00000001/x").unwrap();
+            // The header's hash is of the stored bytes (flag bit 1), not of the plaintext.
+            assert_eq!(hash, k.hash(&frames.concat()), "piece {piece}");
+            assert_eq!(header[4], FLAG_ZSTD | FLAG_STORED_HASH);
             let mut obj = header.to_vec();
             for f in &enc {
                 obj.extend_from_slice(f);
@@ -1024,6 +936,28 @@ mod tests {
                 let (p, h) = k.open("wal/00000001/x", obj.clone(), 2 << 20).unwrap();
                 assert!(p == plain[..plain_len] && h == hash, "piece {piece}");
             }
+            // A valid tag over a header whose hash is not the stored bytes' is refused: the
+            // hash is checked before anything is decompressed.
+            let wrong = ChunkId(rand::random());
+            let mut forged = header;
+            forged[5..37].copy_from_slice(&wrong.0);
+            let mut body = frames.concat();
+            let tag = k
+                .cipher
+                .encrypt_in_place_detached(
+                    XNonce::from_slice(&nonce),
+                    &super::aad("wal/00000001/x", &wrong),
+                    &mut body,
+                )
+                .unwrap();
+            let forged = [&forged[..], &body, &tag].concat();
+            assert!(
+                matches!(
+                    k.open("wal/00000001/x", forged, 2 << 20),
+                    Err(BackupError::Corrupt { ref reason, .. }) if reason.contains("stored bytes")
+                ),
+                "piece {piece}"
+            );
             assert!(
                 k.open("wal/00000001/y", obj, 2 << 20).is_err(),
                 "bound to its name"
@@ -1047,8 +981,8 @@ mod tests {
             s.encrypt(a);
             s.encrypt(b);
             let name = format!("wal/00000001/{i:024X}");
-            let h = ChunkId(rand::random());
-            let (_, tag) = s.finish(&name, h).unwrap();
+            let (_, tag, h) = s.finish(&name).unwrap();
+            assert_eq!(h, k.hash(&data));
             let mut body = data.clone();
             let reference = k
                 .cipher

@@ -5,52 +5,54 @@
 //! overwrite an existing archive file with different content, while a repeat of the same file
 //! (after a crash between store and acknowledgement) must succeed.
 //!
-//! Layout: `wal/<timeline>/<file name>`, sealed like every object; the keyed BLAKE3 of the
-//! plaintext in the object header is the recorded content hash, so a repeat is recognised
-//! without downloading and decrypting when it differs.
+//! Layout: `wal/<timeline>/<file name>`, sealed like every object. A name that exists is
+//! compared by content: the archived object is opened (authenticated, decrypted, its hash
+//! checked) and its plaintext compared with the file's, byte for byte (`compare_archived`).
+//! That costs a read and a decompression, only on a repeat or a conflict, and holds for every
+//! object whatever hash its header records (of the plaintext, or, for objects this module
+//! streams, of the stored bytes; see [`super::key`]).
 //!
 //! Speed (target: a 16 MiB segment to fs in at most 0.3 times pgBackRest's archive-push,
 //! process start included): an fs location takes [`wal_push_fs`], which runs before any async
 //! runtime exists (a tokio runtime costs threads to start and several ms to shut down, per
-//! segment). The file is mapped read-only and taken in pieces of 256 KiB by two workers (the
-//! calling thread and one more; up to four on bigger machines), each held on its own CPU
-//! while they work (left to the scheduler, the two often took turns on one core: see
-//! [`Placement`]): a piece is hashed (a BLAKE3 subtree; the pieces' hashes combine into the
-//! hash of the whole) and compressed into its own zstd frame while it is in the core's cache.
-//! Reading the whole segment into one fresh buffer cost as much CPU in page faults, zeroing
-//! and unmapping as zstd did, and copying pieces into reused buffers still cost 12 % of a
-//! push (`map_segment` says why the mapping is sound).
-//! Whichever worker completes the next frame in file order encrypts it (XChaCha20, and
-//! Poly1305 over the ciphertext as it goes) and writes it into a temp file under `.tmp/`, then
-//! any frames after it that are ready: no thread is woken per frame, and a frame's buffer is reused once it is
-//! written. Every 512 KiB written, writeback of the temp file starts (posix_fadvise DONTNEED,
-//! which does not wait), so the fdatasync at the end waits for the last piece and the journal
-//! commit only (2.4 ms of 2 MiB written at the end before, 0.4 ms after). Once all frames are
-//! in, the tag is completed (the aad, which holds the plaintext hash, is put in front with
-//! Poly1305's algebra, see [`super::key`]'s `StreamSeal`) and the header and tag are written,
-//! then fdatasync, a hard link to the real name (which, unlike a rename, never replaces an
-//! object another pusher stored meanwhile) and an fsync of the directory: exit 0 means the
-//! object and its name are on disk. The object is byte for byte what [`RepoKey::seal`] makes
-//! of the same frames with the same nonce (concatenated zstd frames are one zstd stream;
-//! format version 1 unchanged). WAL is compressed at zstd -1 by default (smaller and faster
-//! than 1 on pgbench WAL in 256 KiB frames; `wal_compression_level`). Remote locations go
-//! through opendal ([`wal_push`]).
+//! segment), after a command line parse without clap (`main.rs`). The file is mapped
+//! read-only and taken in pieces of 256 KiB by two workers (the calling thread and one more;
+//! up to four on bigger machines), each held on its own CPU while they work (left to the
+//! scheduler, the two often took turns on one core: see [`Placement`]): a piece is
+//! compressed into its own zstd frame. Reading the whole segment into one fresh buffer cost
+//! as much CPU in page faults, zeroing and unmapping as zstd did, and copying pieces into
+//! reused buffers still cost 12 % of a push (`map_segment` says why the mapping is sound).
+//! Whichever worker completes the next frame in file order hashes it (keyed BLAKE3 over the
+//! frames, ~2 MiB, where the plaintext was 16 MiB and 9 % of a push's CPU), encrypts it
+//! (XChaCha20, and Poly1305 over the ciphertext as it goes) and writes it into a temp file
+//! under `.tmp/`, then any frames after it that are ready: no thread is woken per frame, and
+//! a frame's buffer is reused once it is written. Every 512 KiB written, writeback of the
+//! temp file starts (posix_fadvise DONTNEED, which does not wait), so the fdatasync at the
+//! end waits for the last piece and the journal commit only (2.4 ms of 2 MiB written at the
+//! end before, 0.4 ms after). Once all frames are in, the tag is completed (the aad, which
+//! holds the hash, is put in front with Poly1305's algebra, see [`super::key`]'s
+//! `StreamSeal`) and the header and tag are written, then fdatasync, a hard link to the real
+//! name (which, unlike a rename, never replaces an object another pusher stored meanwhile)
+//! and an fsync of the directory: exit 0 means the object and its name are on disk. The
+//! object is the frames (concatenated zstd frames are one zstd stream) encrypted as
+//! [`RepoKey::seal`] would with the same nonce, under header flag bit 1. WAL is compressed
+//! at zstd -1 by default (smaller and faster than 1 on pgbench WAL in 256 KiB frames;
+//! `wal_compression_level`). Remote locations go through opendal ([`wal_push`]).
 //!
 //! Read-ahead (`--push-ahead N`, optional, like pgBackRest's asynchronous archiving): after
 //! its own segment is durable, a call starts one detached pusher (one at a time, `flock`) that
 //! stores the next N `.ready` segments of the same `pg_wal` and records each, once durable, in
-//! `<spool_dir>/pushed/<segment>` (hash + the file's device, inode, size, mtime). PostgreSQL's
-//! later call for such a segment returns 0 after checking that the archived object exists with
-//! the recorded hash in its header and that the file is the one the pusher read (else it hashes
-//! the file again; a different file is still refused). The repository format is unchanged;
-//! the records are local and only ever shortcut a check, never a store.
+//! `<spool_dir>/pushed/<segment>` (the hash in the object's header + the file's device, inode,
+//! size, mtime). PostgreSQL's later call for such a segment returns 0 after checking that the
+//! archived object exists with the recorded hash in its header and that the file is the one
+//! the pusher read; any other file goes the normal way (compared, a different one refused).
+//! The records are local and only ever shortcut a check, never a store.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
-use blake3::hazmat::ChainingValue;
 use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
 
 use tracing::{debug, info};
@@ -121,27 +123,21 @@ pub async fn wal_push(repo: &Repository, path: &Path) -> BackupResult<PushOutcom
         )));
     }
     match existing {
-        Ok(header) => {
-            let old_hash = RepoKey::peek_hash(&name, &header.to_vec())?;
-            let key = repo.key().clone();
-            let (plain, new_hash) = blocking(move || {
-                let h = key.hash(&plain);
-                Ok((plain, h))
-            })
-            .await?;
-            drop(plain);
-            if old_hash != new_hash {
-                return Err(BackupError::WalConflict { name: file_name });
-            }
-            // Same recorded hash: make sure the archived copy really opens before saying yes.
+        Ok(_) => {
+            // The name exists (a repeat after a crash, or another file): the archived copy
+            // must open, and its plaintext must be this file's.
             let raw = repo
                 .get_raw(&name)
                 .await?
                 .ok_or_else(|| BackupError::NotFound { key: name.clone() })?;
             let key = repo.key().clone();
             let n = name.clone();
-            let (_, h) = blocking(move || key.open(&n, raw, MAX_WAL_SIZE)).await?;
-            if h != new_hash {
+            let same = blocking(move || {
+                let (archived, _) = key.open(&n, raw, MAX_WAL_SIZE)?;
+                Ok(archived == plain)
+            })
+            .await?;
+            if !same {
                 return Err(BackupError::WalConflict { name: file_name });
             }
             info!(wal = %file_name, "already archived with the same content");
@@ -190,11 +186,7 @@ fn push_fs_hashed(cfg: &RepoConfig, path: &Path) -> BackupResult<(PushOutcome, C
         )));
     }
     if dest.exists() {
-        let hash = scan(&key, &file, path, len as usize, None, |_| Ok(()))?;
-        return Ok((
-            compare_archived(&key, &name, &file_name, &dest, hash)?,
-            hash,
-        ));
+        return compare_archived(&key, &name, &file_name, &dest, &file, path, len as usize);
     }
     let level = cfg.wal_compression_level;
     let (linked, hash) =
@@ -203,10 +195,7 @@ fn push_fs_hashed(cfg: &RepoConfig, path: &Path) -> BackupResult<(PushOutcome, C
         return Ok((PushOutcome::Stored, hash));
     }
     // Another pusher stored that name between our check and our link.
-    Ok((
-        compare_archived(&key, &name, &file_name, &dest, hash)?,
-        hash,
-    ))
+    compare_archived(&key, &name, &file_name, &dest, &file, path, len as usize)
 }
 
 /// Compress, encrypt and write the file into a temp object frame by frame (each frame is
@@ -229,7 +218,7 @@ fn store_streamed(
         let mut seal = key.seal_stream();
         let write_err = |e| BackupError::io(format!("write {}", tmp.display()), e);
         let mut flushed = 0u64;
-        let hash = scan(key, file, path, len, Some(level), |frame| {
+        scan(file, path, len, level, |frame| {
             let at = (HEADER_LEN as u64) + seal.len();
             seal.encrypt(frame);
             out.write_all_at(frame, at).map_err(write_err)?;
@@ -248,25 +237,22 @@ fn store_streamed(
             Ok(())
         })?;
         let body = seal.len();
-        if body < len as u64 {
-            let (header, tag) = seal.finish(name, hash)?;
+        let hash = if body < len as u64 {
+            let (header, tag, hash) = seal.finish(name)?;
             out.write_all_at(&header, 0).map_err(write_err)?;
             out.write_all_at(&tag, HEADER_LEN as u64 + body)
                 .map_err(write_err)?;
+            hash
         } else {
-            // Incompressible (rare for WAL): the object holds the plaintext itself.
+            // Incompressible (rare for WAL): the object holds the plaintext itself, with the
+            // plaintext's hash like any object sealed whole.
             let plain = read_all(file, path, len)?;
-            if key.hash(&plain) != hash {
-                return Err(BackupError::Invalid(format!(
-                    "{} changed while it was archived; PostgreSQL never rewrites a segment \
-                     it asked to archive: check what else writes to it",
-                    path.display()
-                )));
-            }
+            let hash = key.hash(&plain);
             let sealed = key.seal_plain(name, &plain, hash)?;
             out.set_len(0).map_err(write_err)?;
             out.write_all_at(&sealed, 0).map_err(write_err)?;
-        }
+            hash
+        };
         out.sync_data().map_err(write_err)?;
         Ok(hash)
     })();
@@ -345,7 +331,8 @@ fn pushed_ahead(cfg: &RepoConfig, spool: &Path, path: &Path) -> BackupResult<Opt
     };
     let recorded_identity = fields.next().unwrap_or_default().to_string();
     let name = wal_object_name(&file_name)?;
-    let (root, key) = Repository::open_fs_blocking(cfg)?;
+    // Opened for its checks (the key file, the repository's key check) only.
+    let (root, _key) = Repository::open_fs_blocking(cfg)?;
     let file = std::fs::File::open(path)
         .map_err(|e| BackupError::io(format!("open {}", path.display()), e))?;
     let meta = file
@@ -355,21 +342,17 @@ fn pushed_ahead(cfg: &RepoConfig, spool: &Path, path: &Path) -> BackupResult<Opt
     if len > MAX_WAL_SIZE as u64 {
         return Ok(None);
     }
-    // The very file the pusher hashed (same inode, size and mtime; PostgreSQL never writes a
-    // segment once it is .ready): its recorded hash stands. Otherwise hash it again.
-    let hash = if identity(&meta) == recorded_identity {
-        recorded
-    } else {
-        scan(&key, &file, path, len as usize, None, |_| Ok(()))?
-    };
-    if hash != recorded {
+    // Only the very file the pusher read (same inode, size and mtime; PostgreSQL never writes
+    // a segment once it is .ready) is taken as stored; any other goes the normal way, which
+    // compares it with the archived copy.
+    if identity(&meta) != recorded_identity {
         return Ok(None);
     }
     let mut header = [0u8; HEADER_LEN];
     let archived = std::fs::File::open(root.join(&name))
         .and_then(|f| f.read_exact_at(&mut header, 0))
         .is_ok();
-    if archived && RepoKey::peek_hash(&name, &header)? == hash {
+    if archived && RepoKey::peek_hash(&name, &header)? == recorded {
         debug!(wal = %file_name, "already pushed ahead");
         return Ok(Some(PushOutcome::AlreadyArchived));
     }
@@ -564,36 +547,29 @@ fn read_all(file: &std::fs::File, path: &Path, len: usize) -> BackupResult<Vec<u
 /// reuses one buffer, and the frames of a 16 MiB segment store ~2.5 % more than one frame.
 const PIECE: usize = 256 << 10;
 
-/// Hash `len` bytes of `file` and, with `level`, compress them into zstd frames of [`PIECE`]
-/// bytes of plaintext each (their concatenation is one valid zstd stream), handing each frame
-/// to `sink` in file order as soon as it and those before it are ready; returns the hash.
-/// Workers (the calling thread and one more, up to four in all on bigger machines) take
-/// pieces of the mapped file in turn ([`map_segment`]: no copy out of the page cache, and no
-/// fresh 16 MiB allocation, whose page faults, zeroing and unmapping cost as much CPU as zstd
-/// did); the pieces' hashes combine into the hash of the whole
-/// ([`RepoKey::merge_piece_hashes`]). The worker that completes the next frame in file order
-/// runs `sink` on it and on the ready frames after it, so no thread waits to be woken per
-/// frame (64 wake-ups and context switches per segment on two cores), and frame buffers go
-/// back to a pool once sunk (a few of them per segment, not 64 fresh ones).
+/// Compress `len` bytes of `file` at `level` into zstd frames of [`PIECE`] bytes of
+/// plaintext each (their concatenation is one valid zstd stream), handing each frame to `sink`
+/// in file order as soon as it and those before it are ready. Workers (the calling thread and
+/// one more, up to four in all on bigger machines) take pieces of the mapped file in turn
+/// ([`map_segment`]: no copy out of the page cache, and no fresh 16 MiB allocation, whose page
+/// faults, zeroing and unmapping cost as much CPU as zstd did). The worker that completes the
+/// next frame in file order runs `sink` on it and on the ready frames after it, so no thread
+/// waits to be woken per frame (64 wake-ups and context switches per segment on two cores),
+/// and frame buffers go back to a pool once sunk (a few of them per segment, not 64 fresh
+/// ones).
 fn scan(
-    key: &RepoKey,
     file: &std::fs::File,
     path: &Path,
     len: usize,
-    level: Option<i32>,
+    level: i32,
     sink: impl FnMut(&mut [u8]) -> BackupResult<()> + Send,
-) -> BackupResult<ChunkId> {
-    let frame = |part: &[u8], out: &mut Vec<u8>| match level {
-        Some(l) => compress_into(part, l, out),
-        None => Ok(()),
-    };
+) -> BackupResult<()> {
     let mut sink = sink;
     if len <= PIECE {
         let plain = read_all(file, path, len)?;
         let mut f = Vec::new();
-        frame(&plain, &mut f)?;
-        sink(&mut f)?;
-        return Ok(key.hash(&plain));
+        compress_into(&plain, level, &mut f)?;
+        return sink(&mut f);
     }
     let n = len.div_ceil(PIECE);
     let workers = std::thread::available_parallelism()
@@ -606,7 +582,6 @@ fn scan(
         next: 0,
         ready: vec![None; n],
         spare: Vec::new(),
-        cvs: vec![None; n],
         writing: false,
     });
     let sink = Mutex::new(sink);
@@ -624,13 +599,10 @@ fn scan(
             let off = i * PIECE;
             let part = &map[off..off + PIECE.min(len - off)];
             let mut out = lock(&order).spare.pop().unwrap_or_default();
-            let done = frame(part, &mut out).map(|()| key.piece_hash(off as u64, part));
-            let cv = match done {
-                Ok(cv) => cv,
-                Err(e) => return fail(e),
-            };
+            if let Err(e) = compress_into(part, level, &mut out) {
+                return fail(e);
+            }
             let mut st = lock(&order);
-            st.cvs[i] = Some(cv);
             st.ready[i] = Some(out);
             if st.writing {
                 continue;
@@ -694,13 +666,13 @@ fn scan(
     drop(placement);
     release_in_background(map);
     let st = order.into_inner().unwrap_or_else(PoisonError::into_inner);
-    let cvs: Option<Vec<ChainingValue>> = st.cvs.into_iter().collect();
-    match cvs {
-        Some(cvs) if st.next == n => key.merge_piece_hashes(&cvs, len as u64, PIECE as u64),
-        _ => Err(BackupError::Invalid(format!(
+    if st.next == n {
+        Ok(())
+    } else {
+        Err(BackupError::Invalid(format!(
             "{}: a piece was never read",
             path.display()
-        ))),
+        )))
     }
 }
 
@@ -786,12 +758,11 @@ impl CheckIn {
 }
 
 /// [`scan`]'s frames between the workers: the next one the sink takes, the ones compressed
-/// ahead of their turn, buffers to reuse, and each piece's BLAKE3 chaining value.
+/// ahead of their turn, and buffers to reuse.
 struct InOrder {
     next: usize,
     ready: Vec<Option<Vec<u8>>>,
     spare: Vec<Vec<u8>>,
-    cvs: Vec<Option<ChainingValue>>,
     /// A worker is handing frames to the sink (only one at a time does).
     writing: bool,
 }
@@ -801,30 +772,31 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The name exists: the same content is success (after the archived copy opens and matches),
-/// anything else is refused.
+/// The name exists: the same content is success (the archived copy opens, and its plaintext
+/// is the file's), anything else is refused. Returns the hash in the archived object's header.
+/// Plaintexts are compared, not hashes: the fs push records the hash of what it stores (see
+/// [`super::key`]), which depends on how the segment was compressed. This runs only for a
+/// repeat (PostgreSQL retrying after a crash between store and acknowledgement) or a
+/// conflict.
 fn compare_archived(
     key: &RepoKey,
     name: &str,
     file_name: &str,
     dest: &Path,
-    new_hash: ChunkId,
-) -> BackupResult<PushOutcome> {
+    file: &std::fs::File,
+    path: &Path,
+    len: usize,
+) -> BackupResult<(PushOutcome, ChunkId)> {
     let raw =
         std::fs::read(dest).map_err(|e| BackupError::io(format!("read {}", dest.display()), e))?;
-    if RepoKey::peek_hash(name, &raw)? != new_hash {
-        return Err(BackupError::WalConflict {
-            name: file_name.to_string(),
-        });
-    }
-    let (_, h) = key.open(name, raw, MAX_WAL_SIZE)?;
-    if h != new_hash {
+    let (archived, hash) = key.open(name, raw, MAX_WAL_SIZE)?;
+    if archived.len() != len || archived != read_all(file, path, len)? {
         return Err(BackupError::WalConflict {
             name: file_name.to_string(),
         });
     }
     info!(wal = %file_name, "already archived with the same content");
-    Ok(PushOutcome::AlreadyArchived)
+    Ok((PushOutcome::AlreadyArchived, hash))
 }
 
 /// A new temp file under `<root>/.tmp/` for the object `dest` (creating and fsyncing the
@@ -902,7 +874,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn t20_scan_hashes_and_frames_equal_the_whole_file() {
+    fn t20_scan_frames_equal_the_whole_file() {
         let key = RepoKey::from_master(&[9u8; 32]);
         let dir = tempfile::tempdir().unwrap();
         for len in [0usize, 1, PIECE, PIECE + 1, 3 * PIECE + 4097, 16 << 20] {
@@ -913,34 +885,29 @@ mod tests {
             std::fs::write(&path, &data).unwrap();
             let file = std::fs::File::open(&path).unwrap();
             let mut frames = Vec::new();
-            let hash = scan(&key, &file, &path, len, Some(1), |f| {
+            scan(&file, &path, len, 1, |f| {
                 frames.push(f.to_vec());
                 Ok(())
             })
             .unwrap();
-            assert_eq!(hash, key.hash(&data), "len {len}");
             assert_eq!(frames.len(), len.div_ceil(PIECE).max(1));
             let stream: Vec<u8> = frames.concat();
             let decoded = zstd::bulk::decompress(&stream, len.max(1)).unwrap();
             assert!(decoded == data, "len {len}");
-            assert_eq!(
-                scan(&key, &file, &path, len, None, |_| Ok(())).unwrap(),
-                hash
-            );
             // The sealed object opens to the file (what wal-fetch and verify read).
             if let Some(sealed) = key
-                .seal_compressed("wal/00000001/x", len, hash, &frames)
+                .seal_compressed("wal/00000001/x", len, key.hash(&data), &frames)
                 .unwrap()
             {
-                let (plain, h) = key.open("wal/00000001/x", sealed, 32 << 20).unwrap();
-                assert!(plain == data && h == hash, "len {len}");
+                let (plain, _) = key.open("wal/00000001/x", sealed, 32 << 20).unwrap();
+                assert!(plain == data, "len {len}");
             }
         }
         // A file shorter than the length taken from its metadata: an error, not a short object.
         let path = dir.path().join("short");
         std::fs::write(&path, vec![1u8; PIECE + 10]).unwrap();
         let file = std::fs::File::open(&path).unwrap();
-        assert!(scan(&key, &file, &path, 2 * PIECE, Some(1), |_| Ok(())).is_err());
+        assert!(scan(&file, &path, 2 * PIECE, 1, |_| Ok(())).is_err());
     }
 
     /// The pusher holds its CPU only while it scans, and a thread already held to one CPU
@@ -949,7 +916,6 @@ mod tests {
     fn t21_scan_gives_the_cpu_mask_back() {
         use nix::sched::{CpuSet, sched_getaffinity, sched_getcpu, sched_setaffinity};
         let me = nix::unistd::Pid::from_raw(0);
-        let key = RepoKey::from_master(&[9u8; 32]);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("seg");
         let data: Vec<u8> = (0..4 * PIECE).map(|i| (i % 251) as u8).collect();
@@ -960,18 +926,27 @@ mod tests {
                 .filter(|&c| s.is_set(c).unwrap())
                 .collect()
         };
+        let compress_all = |stream: &mut Vec<u8>| {
+            scan(&file, &path, data.len(), 1, |f| {
+                stream.extend_from_slice(f);
+                Ok(())
+            })
+        };
         let before = sched_getaffinity(me).unwrap();
-        let hash = scan(&key, &file, &path, data.len(), Some(1), |_| Ok(())).unwrap();
-        assert_eq!(hash, key.hash(&data));
+        let mut stream = Vec::new();
+        compress_all(&mut stream).unwrap();
+        assert!(zstd::bulk::decompress(&stream, data.len()).unwrap() == data);
         assert_eq!(mask(&sched_getaffinity(me).unwrap()), mask(&before));
 
         let mut one = CpuSet::new();
         one.set(sched_getcpu().unwrap()).unwrap();
         sched_setaffinity(me, &one).unwrap();
-        let again = scan(&key, &file, &path, data.len(), Some(1), |_| Ok(()));
+        let mut again = Vec::new();
+        let scanned = compress_all(&mut again);
         let held = sched_getaffinity(me).unwrap();
         sched_setaffinity(me, &before).unwrap();
-        assert_eq!(again.unwrap(), hash);
+        scanned.unwrap();
+        assert!(again == stream);
         assert_eq!(mask(&held), mask(&one));
     }
 
@@ -1014,15 +989,33 @@ mod tests {
                 store_streamed(&key, &root, &dest, &name, &file, &path, data.len(), 1).unwrap();
             assert!(linked);
             let raw = std::fs::read(&dest).unwrap();
-            assert_eq!(raw[4], u8::from(seg.ends_with('1')), "zstd flag");
+            // Compressed: zstd, and the hash is of the stored stream (flag bits 0 and 1);
+            // incompressible: the plaintext, hashed as such.
+            assert_eq!(raw[4], if seg.ends_with('1') { 3 } else { 0 }, "flags");
             let (plain, h) = key.open(&name, raw.clone(), 32 << 20).unwrap();
             assert!(plain == *data && h == hash);
+            assert_eq!(RepoKey::peek_hash(&name, &raw).unwrap(), hash);
             // The name exists now: nothing is replaced, the temp file is gone.
             let (linked, _) =
                 store_streamed(&key, &root, &dest, &name, &file, &path, data.len(), 1).unwrap();
             assert!(!linked);
             assert!(std::fs::read(&dest).unwrap() == raw);
             assert_eq!(std::fs::read_dir(root.join(".tmp")).unwrap().count(), 0);
+            // A repeat of the same file is recognised by its plaintext; a file that differs
+            // in one byte, or in length, is refused.
+            let same = compare_archived(&key, &name, seg, &dest, &file, &path, data.len());
+            assert_eq!(same.unwrap(), (PushOutcome::AlreadyArchived, hash));
+            let mut other = data.clone();
+            other[data.len() / 2] ^= 1;
+            for (i, o) in [other, data[..data.len() - 1].to_vec()].iter().enumerate() {
+                let p = dir.path().join(format!("other{i}"));
+                std::fs::write(&p, o).unwrap();
+                let f = std::fs::File::open(&p).unwrap();
+                assert!(matches!(
+                    compare_archived(&key, &name, seg, &dest, &f, &p, o.len()),
+                    Err(BackupError::WalConflict { .. })
+                ));
+            }
         }
     }
 }
