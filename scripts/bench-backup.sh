@@ -7,10 +7,10 @@
 #   1. archive lag under pgbench (archive_command = ours only, then pgBackRest only)
 #   2. full backup (ours into a fresh repository each run; pgBackRest zst, process-max 2)
 #   3. pgbench -c 4 -T $PGBENCH_T + incremental ($REPS rounds; bytes added to each repository)
-#   4. wal-push / archive-push of one real 16 MiB segment (idle server)
-#   5. restore of the latest backup (+ start until promoted, once)
-#   6. point-in-time restore until promoted (target time between two batches of rows)
-#   7. replay of ~$REPLAY_MB MB of archived WAL through wal-fetch vs the same WAL in pg_wal
+#   4. restore of the latest backup (+ start until promoted, once)
+#   5. point-in-time restore until promoted (target time between two batches of rows)
+#   6. replay of ~$REPLAY_MB MB of archived WAL through wal-fetch vs the same WAL in pg_wal
+#   7. wal-push / archive-push of one real 16 MiB segment (idle server; last, see there)
 # Agent peak RSS (VmHWM, via /usr/bin/time -f %M) is recorded for every backup/restore.
 #
 # Usage (root; PostgreSQL and both tools run as the postgres user):
@@ -291,34 +291,7 @@ done
 wait_archive
 
 fi
-# ------------------------------------------------------------------ 4. one-segment push
-# Segments written entirely during pgbench -c 4 rounds (OLTP WAL, as pgbackrest-anchor.sh chose
-# them; names strictly between the segments current before and after a round); one round here
-# if the incremental section did not run. Both tools push the same segments (into their own
-# repositories), in an order that flips every repetition: segments differ up to sevenfold in
-# how well they compress.
-if want push; then
-if [ ! -s "$W/pgbench_wal_ranges.txt" ]; then
-    lo=$(q "select pg_walfile_name(pg_current_wal_lsn())")
-    asp "$PGBIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -c 4 -T "$PGBENCH_T" postgres >>"$LOG" 2>&1
-    echo "$lo $(q "select pg_walfile_name(pg_current_wal_lsn())")" >> "$W/pgbench_wal_ranges.txt"
-fi
-# An idle server, as the section's title says and as pgbackrest-anchor.sh timed archive-push
-# (after its other sections): the pgbench round's aftermath (vacuum of the tables it touched,
-# a checkpoint) is done and its WAL archived before the first push, and the machine rests a
-# few seconds. Run straight after pgbench, both tools' pushes ran ~20 % slower.
-q "vacuum" >/dev/null; q "checkpoint" >/dev/null
-q "select pg_switch_wal()" >/dev/null; wait_archive
-mapfile -t segs < <(ls "$REPO/wal/00000001" | grep -E '^[0-9A-F]{24}$' | sort |
-    awk 'NR==FNR{lo[NR]=$1; hi[NR]=$2; n=NR; next} {for(k=1;k<=n;k++) if (($1 "") > (lo[k] "") && ($1 "") < (hi[k] "")) {print; next}}' "$W/pgbench_wal_ranges.txt" - |
-    head -n "$REPS")
-[ "${#segs[@]}" -ge "$REPS" ] || { echo "only ${#segs[@]} pgbench segments for the push row; raise PGBENCH_T" >&2; exit 1; }
-for s in "${segs[@]}"; do asp "$AGENT" wal-fetch "$s" "$W/walcopy/$s" --repo-config "$W/repo.toml"; done
-sync; sleep 5
-push_row
-
-fi
-# ------------------------------------------------------------------ 5. restore
+# ------------------------------------------------------------------ 4. restore
 LAST_START_LSN=$(asp "$AGENT" backup list --repo-config "$W/repo.toml" --output json | jq -r '[.[] | select(.kind == "full" or .kind == "incr")][-1].start_lsn')
 ours_restore() { # DIR
     asp "$AGENT" restore --repo-config "$W/repo.toml" --backup latest --target "$1"
@@ -353,7 +326,7 @@ for i in $(seq 1 "$REPS"); do
 done
 
 fi
-# ------------------------------------------------------------------ 6. point-in-time restore
+# ------------------------------------------------------------------ 5. point-in-time restore
 if want pitr; then
 q "drop table if exists pitr_t; create table pitr_t(id int, batch int, ts timestamptz default clock_timestamp())"
 q "insert into pitr_t(id,batch) select g,1 from generate_series(1,1000) g"
@@ -392,7 +365,7 @@ for i in $(seq 1 "$REPS"); do
 done
 
 fi
-# ------------------------------------------------------------------ 7. WAL replay: wal-fetch vs local pg_wal
+# ------------------------------------------------------------------ 6. WAL replay: wal-fetch vs local pg_wal
 if want replay; then
 echo ours > "$W/archive.mode"
 log "generating ~$REPLAY_MB MB of WAL"
@@ -436,6 +409,36 @@ for i in $(seq 1 "$REPLAY_REPS"); do
     done
 done
 echo both > "$W/archive.mode"
+
+fi
+# ------------------------------------------------------------------ 7. one-segment push
+# Last: its vacuum writes ~1 GB of WAL here (page images of every page pgbench touched),
+# which the restore, PITR and replay sections would otherwise replay after the last backup
+# (from 3b38877 they did: PITR WAL 1007 MB instead of ~60 MB, replay 2 GB instead of 1).
+# Segments written entirely during pgbench -c 4 rounds (OLTP WAL, as pgbackrest-anchor.sh chose
+# them; names strictly between the segments current before and after a round); one round here
+# if the incremental section did not run. Both tools push the same segments (into their own
+# repositories), in an order that flips every repetition: segments differ up to sevenfold in
+# how well they compress.
+if want push; then
+if [ ! -s "$W/pgbench_wal_ranges.txt" ]; then
+    lo=$(q "select pg_walfile_name(pg_current_wal_lsn())")
+    asp "$PGBIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -c 4 -T "$PGBENCH_T" postgres >>"$LOG" 2>&1
+    echo "$lo $(q "select pg_walfile_name(pg_current_wal_lsn())")" >> "$W/pgbench_wal_ranges.txt"
+fi
+# An idle server, as the section's title says and as pgbackrest-anchor.sh timed archive-push
+# (after its other sections): the pgbench round's aftermath (vacuum of the tables it touched,
+# a checkpoint) is done and its WAL archived before the first push, and the machine rests a
+# few seconds. Run straight after pgbench, both tools' pushes ran ~20 % slower.
+q "vacuum" >/dev/null; q "checkpoint" >/dev/null
+q "select pg_switch_wal()" >/dev/null; wait_archive
+mapfile -t segs < <(ls "$REPO/wal/00000001" | grep -E '^[0-9A-F]{24}$' | sort |
+    awk 'NR==FNR{lo[NR]=$1; hi[NR]=$2; n=NR; next} {for(k=1;k<=n;k++) if (($1 "") > (lo[k] "") && ($1 "") < (hi[k] "")) {print; next}}' "$W/pgbench_wal_ranges.txt" - |
+    head -n "$REPS")
+[ "${#segs[@]}" -ge "$REPS" ] || { echo "only ${#segs[@]} pgbench segments for the push row; raise PGBENCH_T" >&2; exit 1; }
+for s in "${segs[@]}"; do asp "$AGENT" wal-fetch "$s" "$W/walcopy/$s" --repo-config "$W/repo.toml"; done
+sync; sleep 5
+push_row
 
 fi
 # ------------------------------------------------------------------ summary

@@ -496,16 +496,17 @@ fn run_ahead(cfg: &RepoConfig, spool: &Path, path: &Path, ahead: usize) {
 #[allow(unsafe_code)]
 fn map_segment(file: &std::fs::File, path: &Path, len: usize) -> BackupResult<memmap2::Mmap> {
     // SAFETY: the mapping is read-only and private to this process, and it is read only while
-    // the segment's pieces are hashed and compressed; then `scan` hands it to a thread that
-    // unmaps it (at the latest the process's exit does). Its bytes must not change while they
-    // are read: `%p` is a completed WAL segment, which PostgreSQL neither writes nor
-    // truncates while its archive_command runs (a segment is recycled only after archiving it
-    // succeeded), and the read-ahead pusher reads only such segments. A file already shorter
-    // than `len` is refused below, before it is mapped. Outside that contract a truncation
-    // while the bytes are read raises SIGBUS (the wal-push process dies, non-zero, nothing is
-    // linked into the repository; the agent daemon never maps segments) and a concurrent
-    // rewrite can make a piece's hash disagree with its frame, which wal-fetch and verify
-    // detect; neither stores anything silently.
+    // the segment's pieces are compressed (or while `compare_archived` compares it with an
+    // archived copy); then it is unmapped (`scan` hands it to a thread for that; at the latest
+    // the process's exit does). Its bytes must not change while they are read: `%p` is a
+    // completed WAL segment, which PostgreSQL neither writes nor truncates while its
+    // archive_command runs (a segment is recycled only after archiving it succeeded), and the
+    // read-ahead pusher reads only such segments. A file already shorter than `len` is
+    // refused below, before it is mapped. Outside that contract a truncation while the bytes
+    // are read raises SIGBUS (the wal-push process dies, non-zero, nothing is linked into the
+    // repository; the agent daemon never maps segments), and a concurrent rewrite stores a mix
+    // of old and new bytes, as any reader of a file being rewritten would (the object is still
+    // self-consistent: its hash is of the bytes it holds).
     let size = file
         .metadata()
         .map_err(|e| BackupError::io(format!("stat {}", path.display()), e))?
@@ -790,7 +791,10 @@ fn compare_archived(
     let raw =
         std::fs::read(dest).map_err(|e| BackupError::io(format!("read {}", dest.display()), e))?;
     let (archived, hash) = key.open(name, raw, MAX_WAL_SIZE)?;
-    if archived.len() != len || archived != read_all(file, path, len)? {
+    // Compared against the mapped file: no second 16 MiB buffer to fault in and zero.
+    let same =
+        archived.len() == len && (len == 0 || *map_segment(file, path, len)? == archived[..]);
+    if !same {
         return Err(BackupError::WalConflict {
             name: file_name.to_string(),
         });
