@@ -37,10 +37,7 @@ want() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 # grows to 1.11x pgBackRest's (measured: CHUNK_LEVEL=1 run of 2026-11-28)
 CHUNK_LEVEL=${CHUNK_LEVEL:-}
 OUT=${OUT:-$ROOT/target/bench-backup.md}
-PGBIN=/usr/lib/postgresql/15/bin
-AGENT=$BIN/dr-agent
-
-[ "$(id -u)" = 0 ] || { echo "run as root (PostgreSQL runs as the postgres user)" >&2; exit 2; }
+pg_bench_prelude
 
 # ------------------------------------------------------------------ prerequisites
 if ! command -v pgbackrest >/dev/null; then
@@ -51,9 +48,6 @@ if ! command -v pgbackrest >/dev/null; then
     fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends pgbackrest jq
     [ "$made_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
-fi
-if [ "${SKIP_BUILD:-0}" != 1 ]; then
-    (cd "$ROOT" && cargo build --release -p dr-agent)
 fi
 
 free_port() {

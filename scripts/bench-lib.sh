@@ -101,6 +101,16 @@ machine() {
 
 # Helpers of the PostgreSQL benches (bench-backup.sh, bench-wal.sh, bench-restic.sh). They
 # read the caller's PGBIN, PORT, LOG (the run log) and RAW (metric, rep, value per line).
+
+# pg_bench_prelude: what each of them needs first: PostgreSQL's binaries (PGBIN), the agent
+# (AGENT, built in release unless SKIP_BUILD=1), and root (PostgreSQL and the tools run as
+# the postgres user).
+pg_bench_prelude() {
+    PGBIN=/usr/lib/postgresql/15/bin
+    AGENT=$BIN/dr-agent
+    [ "$(id -u)" = 0 ] || { echo "run as root (PostgreSQL runs as the postgres user)" >&2; exit 2; }
+    if [ "${SKIP_BUILD:-0}" != 1 ]; then (cd "$ROOT" && cargo build --release -p dr-agent); fi
+}
 asp() { runuser -u postgres -- "$@"; }
 psql_() { local p=$1; shift; asp "$PGBIN/psql" -X -q -h 127.0.0.1 -p "$p" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@"; }
 q() { psql_ "$PORT" -Atc "$1"; }

@@ -20,11 +20,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 SCALE=${SCALE:-60}
 REPS=${REPS:-3}
 PGBENCH_T=${PGBENCH_T:-30}
-PGBIN=/usr/lib/postgresql/15/bin
-AGENT=$BIN/dr-agent
-[ "$(id -u)" = 0 ] || { echo "run as root (PostgreSQL runs as the postgres user)" >&2; exit 2; }
+pg_bench_prelude
 command -v restic >/dev/null || apt-get install -y restic >/dev/null
-if [ "${SKIP_BUILD:-0}" != 1 ]; then (cd "$ROOT" && cargo build --release -p dr-agent); fi
 
 W=$WORK; chmod 755 "$W"
 DATA=$W/data; RAW=$W/raw.tsv; LOG=$W/run.log

@@ -21,11 +21,8 @@ SCALE=${SCALE:-10}
 REPLAY_MB=${REPLAY_MB:-0}
 REPLAY_REPS=${REPLAY_REPS:-3}
 BACKLOG=${BACKLOG:-0}
-PGBIN=/usr/lib/postgresql/15/bin
-AGENT=$BIN/dr-agent
-[ "$(id -u)" = 0 ] || { echo "run as root (PostgreSQL runs as the postgres user)" >&2; exit 2; }
 command -v pgbackrest >/dev/null || { echo "pgbackrest is not installed (scripts/bench-backup.sh installs it)" >&2; exit 2; }
-if [ "${SKIP_BUILD:-0}" != 1 ]; then (cd "$ROOT" && cargo build --release -p dr-agent); fi
+pg_bench_prelude
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 PORT=$(free_port); TPORT=$(free_port)
