@@ -687,11 +687,12 @@ fn scan(
 /// check-in woke the pusher, the pusher was woken onto the worker's CPU. So for the scan the
 /// pusher holds its current CPU, each worker first moves itself to another CPU of the
 /// process's affinity mask ([`run_on`]) for the few milliseconds it lives, and the pusher
-/// waits for the workers' check-in ([`CheckIn`]) before it starts on pieces itself: a worker
-/// queued behind it on its CPU gets to run and move away. The wait is bounded, in case a
-/// guest's idle virtual CPU takes long to wake (up to a few ms seen here), so the pusher
-/// never idles longer than [`CHECK_IN_WAIT`]. Dropping the placement gives the pusher its
-/// mask back. With a single CPU allowed, nothing is pinned.
+/// lets them go first ([`CheckIn`]) before it starts on pieces itself: it yields its CPU, so
+/// a worker queued behind it there gets to run and move away, and only if one did not, it
+/// waits for their check-in. The wait is bounded, in case a guest's idle virtual CPU takes
+/// long to wake (up to a few ms seen here), so the pusher never idles longer than
+/// [`CHECK_IN_WAIT`]. Dropping the placement gives the pusher its mask back. With a single
+/// CPU allowed, nothing is pinned.
 struct Placement {
     allowed: nix::sched::CpuSet,
     /// The other allowed CPUs, in order after the pusher's, wrapping around.
@@ -734,8 +735,8 @@ fn run_on(cpu: usize) {
     }
 }
 
-/// The workers' check-in, which the pushing thread waits for (briefly, see [`Placement`])
-/// before it starts on pieces itself.
+/// How the pushing thread lets its workers move to their CPUs before it starts on pieces
+/// itself (see [`Placement`]): a yield, then, if needed, a short wait for their check-in.
 #[derive(Default)]
 struct CheckIn {
     /// Workers that got a CPU and asked to move away from the pusher's.
