@@ -107,11 +107,8 @@ pub async fn wal_push(repo: &Repository, path: &Path) -> BackupResult<PushOutcom
     let name = wal_object_name(&file_name)?;
     let p = path.to_path_buf();
     let read = tokio::task::spawn_blocking(move || std::fs::read(&p));
-    let existing = repo
-        .operator()
-        .read_with(&name)
-        .range(0..HEADER_LEN as u64)
-        .await;
+    // The whole object if the name exists: a repeat or a conflict is decided on its content.
+    let existing = repo.get_raw(&name).await?;
     let plain = read
         .await
         .map_err(|e| BackupError::Invalid(format!("read task failed: {e}")))?
@@ -123,13 +120,9 @@ pub async fn wal_push(repo: &Repository, path: &Path) -> BackupResult<PushOutcom
         )));
     }
     match existing {
-        Ok(_) => {
+        Some(raw) => {
             // The name exists (a repeat after a crash, or another file): the archived copy
             // must open, and its plaintext must be this file's.
-            let raw = repo
-                .get_raw(&name)
-                .await?
-                .ok_or_else(|| BackupError::NotFound { key: name.clone() })?;
             let key = repo.key().clone();
             let n = name.clone();
             let same = blocking(move || {
@@ -143,7 +136,7 @@ pub async fn wal_push(repo: &Repository, path: &Path) -> BackupResult<PushOutcom
             info!(wal = %file_name, "already archived with the same content");
             Ok(PushOutcome::AlreadyArchived)
         }
-        Err(e) if e.kind() == opendal::ErrorKind::NotFound => {
+        None => {
             let key = repo.key().clone();
             let level = repo.config().wal_compression_level;
             let n = name.clone();
@@ -153,7 +146,6 @@ pub async fn wal_push(repo: &Repository, path: &Path) -> BackupResult<PushOutcom
             debug!(wal = %file_name, stored, "archived");
             Ok(PushOutcome::Stored)
         }
-        Err(e) => Err(e.into()),
     }
 }
 
@@ -163,7 +155,8 @@ pub fn wal_push_fs(cfg: &RepoConfig, path: &Path) -> BackupResult<PushOutcome> {
     push_fs_hashed(cfg, path).map(|(o, _)| o)
 }
 
-/// [`wal_push_fs`], also returning the plaintext hash (the read-ahead pusher records it).
+/// [`wal_push_fs`], also returning the hash in the archived object's header (the read-ahead
+/// pusher records it).
 fn push_fs_hashed(cfg: &RepoConfig, path: &Path) -> BackupResult<(PushOutcome, ChunkId)> {
     let file_name = path
         .file_name()
